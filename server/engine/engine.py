@@ -1,0 +1,271 @@
+"""The engine: owns model, KV cache and scheduler; runs continuous batching in its own thread.
+
+Callers (the HTTP layer, tests, benchmarks) submit requests and receive
+RequestOutput updates through a callback; `RequestStream` adapts that to an
+asyncio iterator so the event loop never waits on a forward pass. Each engine
+step admits waiting requests into free rows (prefilling their prompts), then
+decodes one token for every running row, then retires finished rows.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
+from server.engine.runner import ModelRunner
+from server.engine.sampling import RowSampling, make_generator, sample
+from server.engine.scheduler import Scheduler
+from server.model.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+@dataclass
+class _Tracked:
+    """Engine-side state of one request."""
+
+    request: Request
+    sampling: RowSampling
+    detokenizer: IncrementalDetokenizer
+    emit: OutputCallback
+    max_tokens: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device | str = "cpu"):
+        self.loaded = loaded
+        self.config = config
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        self.max_seq_len = min(config.max_seq_len, loaded.model.args.max_position_embeddings)
+        self.vocab_size = loaded.model.args.vocab_size
+        self.eos_token_ids = _eos_ids(loaded)
+        self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
+        self.scheduler = Scheduler(config.max_batch, config.max_waiting)
+        self._tracked: dict[str, _Tracked] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._rng = random.Random(config.seed)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+
+    # ---- submission (any thread) ----
+
+    def make_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
+                     request_id: str | None = None) -> Request:
+        """Validate and build a request; raises RequestError with a client-facing message."""
+        params.validate()
+        if not prompt_token_ids:
+            raise RequestError("the prompt is empty")
+        if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.vocab_size})")
+        request = Request(list(prompt_token_ids), params, adapter)
+        if request_id:
+            request.request_id = request_id
+        prompt_len = request.num_tokens
+        if prompt_len >= self.max_seq_len:
+            raise RequestError(f"this model's context is {self.max_seq_len} tokens, but the prompt has {prompt_len}; "
+                               "shorten the prompt")
+        if params.max_tokens is not None and prompt_len + params.max_tokens > self.max_seq_len:
+            raise RequestError(f"this model's context is {self.max_seq_len} tokens, but {prompt_len} prompt tokens "
+                               f"+ {params.max_tokens} max_tokens exceed it; lower max_tokens or shorten the prompt")
+        return request
+
+    def submit(self, request: Request, emit: OutputCallback) -> None:
+        """Queue a request; `emit` is called from the engine thread with every update."""
+        if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
+            raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
+        seed = request.params.seed if request.params.seed is not None else self._rng.getrandbits(63)
+        max_tokens = request.params.max_tokens or (self.max_seq_len - request.num_tokens)
+        tracked = _Tracked(request, RowSampling(request.params, make_generator(seed)),
+                           IncrementalDetokenizer(self.tokenizer, request.params.stop), emit, max_tokens)
+        self._inbox.put(("add", tracked))
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def stream(self, request: Request) -> "RequestStream":
+        """Submit from inside an event loop and iterate the outputs asynchronously."""
+        stream = RequestStream(self, request)
+        self.submit(request, stream.push)
+        return stream
+
+    # ---- the loop (engine thread) ----
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+            self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.scheduler.has_work() and self._inbox.empty():
+                self._wake.wait()
+            self._wake.clear()
+            self._drain_inbox()
+            if self.scheduler.has_work():
+                try:
+                    self.step()
+                except Exception as exc:  # one bad step must not kill the server
+                    log.exception("engine step failed; failing its requests")
+                    for tracked in list(self._tracked.values()):
+                        if tracked.request.status is Status.RUNNING:
+                            self._finish(tracked, "error", error=f"internal error: {exc}")
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._tracked[item.request.request_id] = item
+                try:
+                    self.scheduler.add(item.request)
+                except QueueFull as exc:
+                    self._finish(item, "error", error=str(exc))
+            elif kind == "abort" and item in self._tracked:
+                self._finish(self._tracked[item], "abort")
+
+    def step(self) -> None:
+        """One engine step: prefill admitted requests, decode every running row, retire finished ones."""
+        scheduled = self.scheduler.schedule()
+        for request in scheduled.admitted:
+            logits = self.runner.prefill(self.scheduler.row_of(request), request.prompt_token_ids,
+                                         start=request.prefix_len)
+            self._accept(self._tracked[request.request_id], logits[None])
+        running = list(self.scheduler.running)
+        if running:
+            logits = self.runner.decode([r.output_token_ids[-1] for r in running],
+                                        [r.num_tokens - 1 for r in running])
+            tokens, logprobs = sample(logits, [self._tracked[r.request_id].sampling for r in running])
+            for request, token, logprob in zip(running, tokens, logprobs):
+                self._append(self._tracked[request.request_id], token, logprob)
+        self.steps += 1
+
+    def _accept(self, tracked: _Tracked, logits: torch.Tensor) -> None:
+        tokens, logprobs = sample(logits, [tracked.sampling])
+        tracked.request.first_token_time = time.monotonic()
+        self._append(tracked, tokens[0], logprobs[0])
+
+    def _append(self, tracked: _Tracked, token: int, logprob) -> None:
+        request, params = tracked.request, tracked.request.params
+        request.output_token_ids.append(token)
+        reason = None
+        is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
+        text = "" if is_stop_token else tracked.detokenizer.add([token])
+        if is_stop_token or tracked.detokenizer.stopped:
+            reason = "stop"
+        elif len(request.output_token_ids) >= tracked.max_tokens or request.num_tokens >= self.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            text += tracked.detokenizer.add([], final=True)
+        tracked.emit(RequestOutput(request.request_id, [token], text, [logprob] if logprob else None,
+                                   reason is not None, reason, len(request.prompt_token_ids),
+                                   len(request.output_token_ids)))
+        if reason is not None:
+            self._retire(tracked, reason)
+
+    def _finish(self, tracked: _Tracked, reason: str, error: str | None = None) -> None:
+        """End a request early (abort, error) and tell its caller."""
+        request = tracked.request
+        tracked.emit(RequestOutput(request.request_id, [], "", None, True, reason, len(request.prompt_token_ids),
+                                   len(request.output_token_ids), error))
+        self._retire(tracked, reason)
+
+    def _retire(self, tracked: _Tracked, reason: str) -> None:
+        request = tracked.request
+        request.finish_reason = reason
+        if request.status is not Status.FINISHED:
+            self.runner.apply_moves(self.scheduler.remove(request))
+        self._tracked.pop(request.request_id, None)
+
+    # ---- offline use (benchmarks, tests): drive the loop in the calling thread ----
+
+    def generate(self, requests: list[Request]) -> dict[str, list[RequestOutput]]:
+        """Run requests to completion without the engine thread; returns every request's outputs."""
+        if self._thread is not None:
+            raise RuntimeError("generate() drives the engine itself; do not call it while the engine thread runs")
+        outputs: dict[str, list[RequestOutput]] = {r.request_id: [] for r in requests}
+        for request in requests:
+            self.submit(request, outputs[request.request_id].append)
+        self._drain_inbox()
+        while self.scheduler.has_work():
+            self.step()
+        return outputs
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + self._inbox.qsize()
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; closing it early aborts the request."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self.engine = engine
+        self.request = request
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    def push(self, output: RequestOutput) -> None:  # engine thread
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        output = await self.queue.get()
+        self.finished = output.finished
+        return output
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.abort(self.request.request_id)
+
+
+def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (loaded.hf_config, getattr(loaded, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(value)
+    tokenizer_eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None:
+        ids.add(tokenizer_eos)
+    return frozenset(ids)

@@ -1,0 +1,52 @@
+"""The KV cache the engine owns: one contiguous region per batch row.
+
+Layout: k, v [layers, rows, Hkv, S, D] with S = max_seq_len. A row holds one
+request's keys and values at cache positions 0..len-1 (prefix-tuning K/V first,
+then prompt and generated tokens). The engine keeps running requests packed in
+rows 0..B-1, so a decode step reads `k[layer, :B, :, :L]` as a view; when a
+request leaves, the last row is moved into its place (`move_row`).
+
+Bounded by construction: rows = --max-batch, S = --max-seq-len.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, max_rows: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu"):
+        shape = (num_layers, max_rows, num_kv_heads, max_seq_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_rows = max_rows
+        self.max_seq_len = max_seq_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def write_and_read(self, layer: int, rows: slice, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k, v [B, Hkv, T, D] at cache_pos [B, T]; return views [B, Hkv, L, D] of rows[:kv_len]."""
+        k_rows, v_rows = self.k[layer, rows], self.v[layer, rows]  # [B, Hkv, S, D] views
+        b, hkv, t, d = k.shape
+        if t == 1:
+            index = cache_pos.view(b, 1, 1, 1).expand(b, hkv, 1, d)
+        else:
+            index = cache_pos[:, None, :, None].expand(b, hkv, t, d)
+        k_rows.scatter_(2, index, k.to(k_rows.dtype))
+        v_rows.scatter_(2, index, v.to(v_rows.dtype))
+        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write prefix K/V [layers, Hkv, P, D] at positions 0..P-1 of a row."""
+        p = keys.shape[2]
+        self.k[:, row, :, :p] = keys.to(self.k.dtype)
+        self.v[:, row, :, :p] = values.to(self.v.dtype)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (packing rows)."""
+        if src != dst and length > 0:
+            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+            self.v[:, dst, :, :length] = self.v[:, src, :, :length]

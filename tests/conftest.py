@@ -1,0 +1,24 @@
+import logging
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{'llama': path, 'mistral': path, 'qwen2': path}."""
+    from tests.tiny_models import ARCHITECTURES, make_checkpoint
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {arch: make_checkpoint(root / arch, arch) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def builtin_model_dir(tmp_path_factory):
+    from server.model.builtin import ensure_builtin_model
+
+    return ensure_builtin_model(tmp_path_factory.mktemp("cache"))
