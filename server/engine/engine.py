@@ -62,6 +62,14 @@ class Engine:
         self._stopping = False
         self.steps = 0
 
+    # ---- text (any thread) ----
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
     # ---- submission (any thread) ----
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,

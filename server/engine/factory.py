@@ -1,0 +1,59 @@
+"""Build an Engine from an EngineConfig: resolve 'auto' settings, find the model, load it.
+
+Kept free of process-global state so that one process (or one Ray Serve replica)
+can host an engine built from a config object alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from server.model.builtin import ensure_builtin_model
+from server.model.loader import load_model, parse_dtype
+from server.model.quant import QUANTIZATIONS
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU multiplies bf16 natively (AMX or AVX512-BF16); elsewhere bf16 GEMM is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve(config: EngineConfig) -> EngineConfig:
+    """Replace every 'auto' with a concrete choice for this machine."""
+    device = config.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    quantization = config.quantization
+    if quantization == "auto":
+        # NF4 on GPU saves 4x memory at little cost; on CPU, bitsandbytes dequantizes every
+        # weight at every step, which is slower than a plain GEMM, and host memory is ample.
+        quantization = "nf4" if device.startswith("cuda") else "none"
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") or cpu_has_fast_bf16() else "float32"
+    parse_dtype(dtype)
+    model = config.model or str(ensure_builtin_model())
+    return replace(config, device=device, quantization=quantization, dtype=dtype, model=model)
+
+
+def build_engine(config: EngineConfig) -> Engine:
+    config = resolve(config)
+    loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
+                        device=config.device)
+    engine = Engine(loaded, config, device=config.device)
+    log.info("engine ready: device %s, max_batch %d, max_seq_len %d, KV cache %.1f MiB", config.device,
+             config.max_batch, engine.max_seq_len, engine.runner.cache.nbytes / 2**20)
+    return engine

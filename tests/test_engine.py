@@ -1,0 +1,172 @@
+"""The engine: continuous batching, batch invariance, sampling, stops, aborts, limits."""
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.request import QueueFull, Request, RequestError, SamplingParams
+from server.model.loader import load_model
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoints):
+    return load_model(tiny_checkpoints["llama"], dtype=torch.float32)
+
+
+def make_engine(loaded, **overrides) -> Engine:
+    return Engine(loaded, EngineConfig(**{"max_batch": 4, "max_seq_len": 160, **overrides}))
+
+
+def greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+PROMPTS = [[5, 72, 101, 108], list(range(30, 70)), [9] * 7, list(range(100, 117)), [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+
+
+def solo(loaded, prompt, params) -> list[int]:
+    request = Request(prompt, params)
+    make_engine(loaded, max_batch=1).generate([request])
+    return request.output_token_ids
+
+
+def test_batch_invariance_with_staggered_arrivals(loaded):
+    """Each request's greedy output alone equals its output beside others that arrive at other steps."""
+    expected = [solo(loaded, p, greedy(12 + 3 * i)) for i, p in enumerate(PROMPTS)]
+    engine = make_engine(loaded, max_batch=3)
+    requests = [Request(p, greedy(12 + 3 * i)) for i, p in enumerate(PROMPTS)]
+    outputs = {r.request_id: [] for r in requests}
+    arrivals = {0: [0], 2: [1, 2], 5: [3], 9: [4]}  # step -> requests arriving then
+    step = 0
+    while step <= max(arrivals) or engine.scheduler.has_work():
+        for i in arrivals.get(step, []):
+            engine.submit(requests[i], outputs[requests[i].request_id].append)
+        engine._drain_inbox()
+        if engine.scheduler.has_work():
+            engine.step()
+        assert engine.num_running <= 3
+        step += 1
+    assert [r.output_token_ids for r in requests] == expected
+    assert all(outputs[r.request_id][-1].finish_reason == "length" for r in requests)
+
+
+def test_many_more_requests_than_rows_all_complete(loaded):
+    engine = make_engine(loaded, max_batch=4)
+    requests = [Request(PROMPTS[i % len(PROMPTS)], greedy(5 + i % 4)) for i in range(12)]
+    outputs = engine.generate(requests)
+    for request in requests:
+        assert len(request.output_token_ids) == request.params.max_tokens
+        assert outputs[request.request_id][-1].finished
+    assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(loaded):
+    def sampled(seed, neighbours=0):
+        engine = make_engine(loaded)
+        request = Request(PROMPTS[0], SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, top_k=50,
+                                                     seed=seed, ignore_eos=True))
+        others = [Request(p, SamplingParams(max_tokens=20, temperature=1.0)) for p in PROMPTS[1:1 + neighbours]]
+        engine.generate([request, *others])
+        return request.output_token_ids
+
+    assert sampled(7) == sampled(7) == sampled(7, neighbours=3)
+    assert sampled(7) != sampled(8)
+
+
+def test_top_k_1_equals_greedy(loaded):
+    engine = make_engine(loaded)
+    a = Request(PROMPTS[1], SamplingParams(max_tokens=10, temperature=1.0, top_k=1, ignore_eos=True))
+    b = Request(PROMPTS[1], greedy(10))
+    engine.generate([a, b])
+    assert a.output_token_ids == b.output_token_ids
+
+
+def test_stop_string_and_stop_token(loaded):
+    full = Request(PROMPTS[1], greedy(20))
+    engine = make_engine(loaded)
+    outputs = engine.generate([full])[full.request_id]
+    text = "".join(o.text for o in outputs)
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = Request(PROMPTS[1], greedy(20, stop=(stop,)))
+    by_token = Request(PROMPTS[1], greedy(20, stop_token_ids=(full.output_token_ids[4],)))
+    outs = engine.generate([cut, by_token])
+    cut_text = "".join(o.text for o in outs[cut.request_id])
+    assert cut_text == text[:text.find(stop)]
+    assert outs[cut.request_id][-1].finish_reason == "stop"
+    first = full.output_token_ids.index(full.output_token_ids[4])
+    assert by_token.output_token_ids == full.output_token_ids[:first + 1]
+    assert outs[by_token.request_id][-1].finish_reason == "stop"
+
+
+def test_logprobs(loaded):
+    engine = make_engine(loaded)
+    request = Request(PROMPTS[0], greedy(4, logprobs=3))
+    outputs = engine.generate([request])[request.request_id]
+    for output in outputs:
+        (entry,) = output.logprobs
+        assert entry.top[0][0] == entry.token_id  # greedy takes the most likely token
+        assert entry.logprob == pytest.approx(entry.top[0][1]) and entry.logprob <= 0
+        assert len(entry.top) == 3 and entry.top[0][1] >= entry.top[1][1] >= entry.top[2][1]
+
+
+def test_limits_are_refused_clearly(loaded):
+    engine = make_engine(loaded, max_seq_len=64)
+    with pytest.raises(RequestError, match="context is 64 tokens, but the prompt has 70"):
+        engine.make_request(list(range(70)), greedy(1))
+    with pytest.raises(RequestError, match="exceed"):
+        engine.make_request(list(range(40)), greedy(30))
+    with pytest.raises(RequestError, match="empty"):
+        engine.make_request([], greedy(1))
+    with pytest.raises(RequestError, match="token ids"):
+        engine.make_request([10**6], greedy(1))
+    with pytest.raises(RequestError, match="temperature"):
+        engine.make_request([1, 2], SamplingParams(temperature=-1))
+    request = engine.make_request(list(range(40)), SamplingParams(max_tokens=None, temperature=0.0, ignore_eos=True))
+    engine.generate([request])
+    assert request.num_tokens == 64 and request.finish_reason == "length"
+
+
+def test_queue_bound(loaded):
+    engine = make_engine(loaded, max_waiting=2)
+    engine.submit(Request([1, 2], greedy(2)), lambda o: None)
+    engine.submit(Request([1, 2], greedy(2)), lambda o: None)
+    with pytest.raises(QueueFull):
+        engine.submit(Request([1, 2], greedy(2)), lambda o: None)
+
+
+def test_threaded_engine_streams_and_abort_frees_row(loaded):
+    engine = make_engine(loaded, max_batch=2)
+    engine.start()
+    try:
+        async def scenario():
+            long_request = engine.make_request(PROMPTS[0], greedy(100))
+            stream = engine.stream(long_request)
+            got = []
+            async for output in stream:
+                got.append(output)
+                if len(got) == 3:
+                    stream.abort()
+                    break
+            deadline = time.monotonic() + 5
+            while engine.num_running and time.monotonic() < deadline:
+                await asyncio.sleep(0.005)
+            assert engine.num_running == 0, "abort must free the row"
+            assert long_request.finish_reason == "abort"
+            assert len(long_request.output_token_ids) < 100
+
+            # 3 x max_batch concurrent requests through the thread, all complete
+            async def one(prompt):
+                outs = [o async for o in engine.stream(engine.make_request(prompt, greedy(8)))]
+                return outs[-1]
+            finals = await asyncio.gather(*(one(PROMPTS[i % 5]) for i in range(6)))
+            assert all(f.finished and f.completion_tokens == 8 for f in finals)
+
+        asyncio.run(scenario())
+        assert threading.current_thread() is threading.main_thread()
+    finally:
+        engine.shutdown()
