@@ -52,7 +52,7 @@ def resolve(config: EngineConfig) -> EngineConfig:
 def build_engine(config: EngineConfig) -> Engine:
     config = resolve(config)
     loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
-                        device=config.device)
+                        device=config.device, batch_hint=config.max_batch)
     engine = Engine(loaded, config, device=config.device)
     log.info("engine ready: device %s, max_batch %d, max_seq_len %d, KV cache %.1f MiB", config.device,
              config.max_batch, engine.max_seq_len, engine.runner.cache.nbytes / 2**20)

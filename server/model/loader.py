@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
+from server.model.packed_linear import pack_linears, packing_available
 from server.model.quant import quantize_decoder_linears, weight_bytes
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,11 @@ def load_state_dict(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, quantization: str = "none",
-               device: str | torch.device = "cpu") -> LoadedModel:
-    """Build our Transformer from a checkpoint directory; quantize decoder linears if asked."""
+               device: str | torch.device = "cpu", pack: bool = True, batch_hint: int = 16) -> LoadedModel:
+    """Build our Transformer from a checkpoint directory; quantize decoder linears if asked.
+
+    pack: on CPU in float32, hold linear weights pre-packed for oneDNN (see packed_linear).
+    """
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
@@ -97,6 +101,8 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, quantiza
     model.to(device=device, dtype=dtype) if quantization == "none" else _cast_unquantized(model, dtype, device)
     model.eval().requires_grad_(False)
     model.inv_freq = inv_freq.to(device)
+    if pack and quantization == "none" and packing_available(device, dtype):
+        pack_linears(model, batch_hint)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     loaded = LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer, name=path.name, dtype=dtype,
                          quantization=quantization, weight_bytes=weight_bytes(model),

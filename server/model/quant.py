@@ -64,7 +64,7 @@ def quantize_decoder_linears(model: nn.Module, method: str, compute_dtype: torch
 def weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's parameters and buffers (quantized weights count as stored)."""
     seen: set[int] = set()
-    total = 0
+    total = sum(m.nbytes for m in model.modules() if type(m).__name__ == "PackedLinear")
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() in seen:
             continue  # tied weights count once
