@@ -14,10 +14,24 @@ class EngineConfig:
     max_seq_len: int = 1024           # KV-cache length per row (prompt + prefix + output)
     max_waiting: int = 256            # queue bound; beyond it requests are refused (429)
     seed: int = 0                     # seeds the per-request generators of unseeded requests
+    adapter_dir: str | None = None    # the adapter store; None = <cache dir>/adapters
+    max_adapter_slots: int = 8        # device slots: distinct adapters resident at once (slot 0, the identity, extra)
+    max_lora_rank: int = 16           # slot tensors are sized for this rank; higher ranks are refused
+    adapter_cache_bytes: int = 1 << 30  # CPU cache of loaded adapters, LRU, bounded in bytes
+    merge_threshold: float = 0.9      # merge an adapter when its share of running rows stays >= this (> 1: never)
+    unmerge_threshold: float = 0.6    # ... and unmerge it when its share stays below this
+    merge_patience: int = 16          # consecutive steps a share must hold before a merge or unmerge
+    merge_min_batch: int = 4          # below this many running rows nothing is merged
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"           # the CLI binds 0.0.0.0 by default only when API keys are configured
     port: int = 8000
     log_level: str = "info"
+    api_keys: tuple[str, ...] = ()    # inference keys: completions, chat, models
+    admin_keys: tuple[str, ...] = ()  # admin keys: all of the above plus adapter management
+    api_key_file: str | None = None   # one key per line: "KEY" (inference) or "admin KEY"; "#" starts a comment
+    request_timeout: float | None = 600.0  # seconds from arrival to the last token; None = no limit
+    max_upload_bytes: int = 1 << 30   # one adapter upload (multipart body), beyond it 413
+    max_adapter_labels: int = 20      # adapters named in metric labels; later ones are counted as __other__

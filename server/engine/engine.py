@@ -15,16 +15,23 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+from adapters.format import BaseSpec
+from adapters.store import AdapterStore
 from server.config import EngineConfig
+from server.engine.adapter_pool import AdapterLoadFailed, AdapterPool, version_key
+from server.engine.merge_policy import MergePolicy
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
 from server.engine.runner import ModelRunner
 from server.engine.sampling import RowSampling, make_generator, sample
 from server.engine.scheduler import Scheduler
+from server.model.adapter_layers import install_adapter_layers
+from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,8 @@ class _Tracked:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device | str = "cpu"):
+    def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device | str = "cpu",
+                 store: AdapterStore | None = None):
         self.loaded = loaded
         self.config = config
         self.tokenizer = loaded.tokenizer
@@ -53,7 +61,10 @@ class Engine:
         self.vocab_size = loaded.model.args.vocab_size
         self.eos_token_ids = _eos_ids(loaded)
         self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
-        self.scheduler = Scheduler(config.max_batch, config.max_waiting)
+        self.adapters = _make_pool(loaded, config, torch.device(device), store)
+        self.scheduler = Scheduler(config.max_batch, config.max_waiting, self._can_admit)
+        self._load_failures: list[tuple[Request, str]] = []
+        self._metrics = None
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -83,6 +94,10 @@ class Engine:
         request = Request(list(prompt_token_ids), params, adapter)
         if request_id:
             request.request_id = request_id
+        if adapter is not None:
+            record = self.adapters.record(adapter)  # AdapterNotFound -> 404
+            request.adapter_version = version_key(record)
+            request.prefix_len = record.num_virtual_tokens
         prompt_len = request.num_tokens
         if prompt_len >= self.max_seq_len:
             raise RequestError(f"this model's context is {self.max_seq_len} tokens, but the prompt has {prompt_len}; "
@@ -100,6 +115,8 @@ class Engine:
         max_tokens = request.params.max_tokens or (self.max_seq_len - request.num_tokens)
         tracked = _Tracked(request, RowSampling(request.params, make_generator(seed)),
                            IncrementalDetokenizer(self.tokenizer, request.params.stop), emit, max_tokens)
+        if request.adapter_version is not None:
+            self.adapters.prefetch(request.adapter_version, request.adapter)
         self._inbox.put(("add", tracked))
         self._wake.set()
 
@@ -126,6 +143,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+        self.adapters.close()
 
     def _run(self) -> None:
         while not self._stopping:
@@ -160,18 +178,34 @@ class Engine:
     def step(self) -> None:
         """One engine step: prefill admitted requests, decode every running row, retire finished ones."""
         scheduled = self.scheduler.schedule()
+        for request, message in self._load_failures:
+            self._finish(self._tracked[request.request_id], "error", error=message)
+        self._load_failures.clear()
         for request in scheduled.admitted:
-            logits = self.runner.prefill(self.scheduler.row_of(request), request.prompt_token_ids,
-                                         start=request.prefix_len)
+            row = self.scheduler.row_of(request)
+            prefix = self.adapters.prefix_for(request)
+            if prefix is not None:
+                self.runner.cache.write_prefix(row, *prefix)
+            self.adapters.set_mapping([request])
+            logits = self.runner.prefill(row, request.prompt_token_ids, start=request.prefix_len)
             self._accept(self._tracked[request.request_id], logits[None])
         running = list(self.scheduler.running)
         if running:
+            self.adapters.set_mapping(running)
             logits = self.runner.decode([r.output_token_ids[-1] for r in running],
                                         [r.num_tokens - 1 for r in running])
             tokens, logprobs = sample(logits, [self._tracked[r.request_id].sampling for r in running])
             for request, token, logprob in zip(running, tokens, logprobs):
                 self._append(self._tracked[request.request_id], token, logprob)
+            self.adapters.observe_step(self.scheduler.running)
         self.steps += 1
+
+    def _can_admit(self, request: Request) -> bool:
+        try:
+            return self.adapters.try_acquire(request)
+        except AdapterLoadFailed as exc:
+            self._load_failures.append((request, str(exc)))
+            return False
 
     def _accept(self, tracked: _Tracked, logits: torch.Tensor) -> None:
         tokens, logprobs = sample(logits, [tracked.sampling])
@@ -208,6 +242,7 @@ class Engine:
         request.finish_reason = reason
         if request.status is not Status.FINISHED:
             self.runner.apply_moves(self.scheduler.remove(request))
+        self.adapters.release(request)
         self._tracked.pop(request.request_id, None)
 
     # ---- offline use (benchmarks, tests): drive the loop in the calling thread ----
@@ -223,6 +258,30 @@ class Engine:
         while self.scheduler.has_work():
             self.step()
         return outputs
+
+    # ---- adapters (any thread) ----
+
+    @property
+    def adapter_store(self) -> AdapterStore:
+        return self.adapters.store
+
+    def validate_adapter(self, path, name: str) -> None:
+        """Raise adapters.format.AdapterError unless the adapter at path can be served on this base."""
+        self.adapters.validate(path, name)
+
+    def invalidate_adapter(self, name: str) -> None:
+        """The stored adapter changed or went away: new requests must not use cached copies."""
+        self.adapters.invalidate(name)
+        self._wake.set()
+
+    @property
+    def metrics(self):
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics) -> None:
+        self._metrics = metrics
+        self.adapters.metrics = metrics
 
     @property
     def num_running(self) -> int:
@@ -277,3 +336,25 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     if tokenizer_eos is not None:
         ids.add(tokenizer_eos)
     return frozenset(ids)
+
+
+def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,
+               store: AdapterStore | None) -> AdapterPool:
+    """Wrap the model's linears with adapter slots (once per model) and build the tiers over the store."""
+    model = loaded.model
+    installed = getattr(model, "adapter_install", None)
+    if installed is None:
+        installed = install_adapter_layers(model, config.max_adapter_slots, config.max_lora_rank)
+        model.adapter_install = installed + ((config.max_adapter_slots, config.max_lora_rank),)
+    elif installed[2] != (config.max_adapter_slots, config.max_lora_rank):
+        raise ValueError("this model already has adapter slots of another size; load it again")
+    mapping, layers = installed[0], installed[1]
+    if store is None:
+        root = config.adapter_dir or str(default_cache_dir() / "adapters")
+        store = AdapterStore(Path(root))
+    policy = MergePolicy(config.merge_threshold, config.unmerge_threshold, config.merge_patience,
+                         config.merge_min_batch) if config.merge_threshold <= 1.0 else None
+    return AdapterPool(store, BaseSpec.from_hf_config(loaded.hf_config, loaded.name), layers, mapping,
+                       num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
+                       cpu_cache_bytes=config.adapter_cache_bytes, dtype=loaded.dtype, device=device,
+                       merge_policy=policy)

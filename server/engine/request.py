@@ -95,8 +95,10 @@ class Request:
     status: Status = Status.WAITING
     finish_reason: str | None = None
     first_token_time: float | None = None
-    # cache length before the prompt (prefix-tuning virtual tokens); set by the adapter layer
+    # cache length before the prompt (prefix-tuning virtual tokens); set from the adapter's record
     prefix_len: int = 0
+    adapter_version: str | None = None  # which stored version of the adapter this request uses
+    slot: int = 0                        # device slot while running (0 = no adapter)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,262 @@
+"""The adapter tiers: store on disk -> CPU cache (LRU by bytes) -> device slots (LRU by count).
+
+Loading from disk runs on a background thread and starts when a request is
+submitted, so it overlaps with the request's wait in the queue. The scheduler
+admits a request only once its adapter is in the CPU cache and a device slot can
+be had (`try_acquire`); copying into the slot happens then, on the engine thread.
+Slots are reference-counted by running rows, evicted LRU when unreferenced, and
+the hot adapter, when merged, is pinned.
+
+Every adapter kind takes a slot: LoRA and IA3 weights live in the layers' slot
+tensors, prefix K/V in `prefix_kv[slot]` on the device. Keys are versions
+(`name@sha256-prefix`) so that a replaced adapter never serves stale weights to
+new requests while old requests finish on the old ones.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adapters.format import Adapter, AdapterError, BaseSpec, load_adapter
+from adapters.store import AdapterRecord, AdapterStore
+from server.engine.merge_policy import MergeDecision, MergePolicy
+from server.engine.request import Request
+from server.engine.slots import SlotTable
+from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
+from server.model.packed_linear import PackedLinear, packing_available
+
+log = logging.getLogger(__name__)
+
+
+class AdapterLoadFailed(RuntimeError):
+    """The adapter's files could not be loaded (the request fails with this message)."""
+
+
+@dataclass
+class _SlotInfo:
+    key: str
+    kind: str
+    rank: int
+
+
+def version_key(record: AdapterRecord) -> str:
+    return f"{record.name}@{record.sha256[:16]}"
+
+
+class AdapterPool:
+    def __init__(self, store: AdapterStore, base: BaseSpec, layers: dict[tuple[int, str], AdapterLinear],
+                 mapping: BatchMapping, *, num_slots: int, max_rank: int, cpu_cache_bytes: int,
+                 dtype: torch.dtype, device: torch.device, merge_policy: MergePolicy | None = None):
+        self.store, self.base, self.layers, self.mapping = store, base, layers, mapping
+        self.max_rank, self.cpu_cache_bytes = max_rank, cpu_cache_bytes
+        self.dtype, self.device = dtype, device
+        self.table = SlotTable(num_slots)
+        self.slot_info: dict[int, _SlotInfo] = {}
+        self.prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> K, V [L, Hkv, P, D]
+        self.merge_policy = merge_policy
+        self.merged_slot = 0
+        self.metrics = None
+        self._cpu: OrderedDict[str, Adapter] = OrderedDict()
+        self._cpu_bytes = 0
+        self._loading: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._pending_retire: set[str] = set()  # names invalidated by other threads, applied on the engine thread
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+
+    # ---- any thread ----
+
+    def record(self, name: str) -> AdapterRecord:
+        """The store's record (raises AdapterNotFound)."""
+        return self.store.get(name)
+
+    def validate(self, path, name: str) -> None:
+        """Raise AdapterError unless the adapter at path can be served on this base."""
+        load_adapter(path, self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
+
+    def prefetch(self, key: str, name: str) -> None:
+        """Start loading an adapter version into the CPU cache unless it is there or on its way."""
+        with self._lock:
+            if key in self._cpu or key in self._loading:
+                return
+            self._loading[key] = self._executor.submit(self._load, key, name)
+
+    def invalidate(self, name: str) -> None:
+        """Forget every cached version of `name` (after an overwrite or delete)."""
+        with self._lock:
+            for key in [k for k in self._cpu if k.split("@")[0] == name]:
+                self._cpu_bytes -= self._cpu.pop(key).nbytes
+            self._pending_retire.add(name)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, key: str, name: str) -> Adapter:
+        start = time.perf_counter()
+        adapter = load_adapter(self.store.path(name), self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
+        with self._lock:
+            self._cpu[key] = adapter
+            self._cpu_bytes += adapter.nbytes
+            while self._cpu_bytes > self.cpu_cache_bytes and len(self._cpu) > 1:
+                _, dropped = self._cpu.popitem(last=False)
+                self._cpu_bytes -= dropped.nbytes
+        if self.metrics is not None:
+            self.metrics.adapter_loads.inc()
+            self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        return adapter
+
+    # ---- engine thread ----
+
+    def try_acquire(self, request: Request) -> bool:
+        """Give the request a slot holding its adapter; False if it must wait. Raises AdapterLoadFailed."""
+        self._apply_retirements()
+        key = request.adapter_version
+        if key is None:
+            return True
+        if self.table.lookup(key) is not None:
+            request.slot = self.table.acquire(key).slot
+            self._count("adapter_cache_hits")
+            return True
+        if not self.table.can_acquire(key):
+            return False
+        adapter = self._cpu_adapter(key, request.adapter)
+        if adapter is None:
+            return False
+        acquired = self.table.acquire(key)
+        if acquired.evicted is not None:
+            self._count("adapter_evictions")
+        self._write(acquired.slot, key, adapter)
+        self._count("adapter_cache_misses")
+        request.slot = acquired.slot
+        return True
+
+    def release(self, request: Request) -> None:
+        if request.slot:
+            self.table.release(request.slot)
+            request.slot = 0
+        self._gauge()
+
+    def set_mapping(self, rows: list[Request]) -> None:
+        """Route the next forward: row i uses rows[i].slot (slot 0 for the merged adapter's rows)."""
+        slots = [r.slot for r in rows]
+        m = self.mapping
+        merged = self.merged_slot
+        if not any(slots) and not merged:
+            m.active = False
+            return
+        effective = [0 if s == merged else s for s in slots]
+        infos = [self.slot_info[s] for s in effective if s]
+        m.slot_of_row = torch.tensor(effective, dtype=torch.long, device=self.device)
+        m.rank = max((i.rank for i in infos if i.kind == "lora"), default=0)
+        m.any_ia3 = any(i.kind == "ia3" for i in infos)
+        others = [i for i, s in enumerate(slots) if s != merged] if merged else []
+        m.merged_slot, m.merged_rank = merged, self.slot_info[merged].rank if merged else 0
+        m.merged_correction = torch.tensor(others, dtype=torch.long, device=self.device) if others else None
+        m.active = True
+
+    def prefix_for(self, request: Request) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return self.prefix_kv.get(request.slot)
+
+    def observe_step(self, rows: list[Request]) -> MergeDecision | None:
+        """Feed the merge policy with this step's rows; performs a merge or unmerge it decides."""
+        if self.merge_policy is None:
+            return None
+        mergeable = [self.slot_info[r.slot].key if r.slot and self.slot_info[r.slot].kind == "lora" else None
+                     for r in rows]
+        decision = self.merge_policy.observe(mergeable)
+        if decision is not None:
+            self._apply_merge(decision)
+        return decision
+
+    # ---- internals ----
+
+    def _cpu_adapter(self, key: str, name: str) -> Adapter | None:
+        with self._lock:
+            adapter = self._cpu.get(key)
+            if adapter is not None:
+                self._cpu.move_to_end(key)
+                return adapter
+            future = self._loading.get(key)
+        if future is None:
+            self.prefetch(key, name)
+            return None
+        if not future.done():
+            return None
+        with self._lock:
+            self._loading.pop(key, None)
+        error = future.exception()
+        if error is not None:
+            raise AdapterLoadFailed(f"adapter {name!r} could not be loaded: {error}") from error
+        return future.result()
+
+    def _write(self, slot: int, key: str, adapter: Adapter) -> None:
+        write_slot(self.layers, slot, adapter)
+        self.prefix_kv.pop(slot, None)
+        if adapter.prefix is not None:
+            prefix = adapter.prefix.to(device=self.device, dtype=self.dtype)
+            self.prefix_kv[slot] = (prefix[:, 0], prefix[:, 1])
+        self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank)
+        self._gauge()
+
+    def _apply_retirements(self) -> None:
+        with self._lock:
+            names, self._pending_retire = self._pending_retire, set()
+        for name in names:
+            for slot, info in list(self.slot_info.items()):
+                if info.key.split("@")[0] == name:
+                    if self.merge_policy is not None:
+                        decision = self.merge_policy.forget(info.key)
+                        if decision is not None:
+                            self._apply_merge(decision)
+                    self.table.retire(info.key)
+
+    def _apply_merge(self, decision: MergeDecision) -> None:
+        slot = self.table.lookup(decision.key)
+        if decision.action == "merge":
+            if slot is None:
+                return
+            self.table.pin(decision.key)
+            info = self.slot_info[slot]
+            for layer in self.layers.values():
+                r = info.rank
+                if not bool(layer.lora_b[slot, :, :r].any()):
+                    continue
+                delta = layer.lora_b[slot, :, :r] @ layer.lora_a[slot, :r]      # [O, I]
+                layer.merged = _dense_linear(layer.base_weight() + delta, layer.base_bias(), self.device)
+            self.merged_slot = slot
+        else:
+            for layer in self.layers.values():
+                layer.merged = None
+            self.table.unpin(decision.key)
+            self.merged_slot = 0
+        log.info("%sd adapter %s", decision.action, decision.key)
+        if self.metrics is not None:
+            self.metrics.merge_events.labels(action=decision.action).inc()
+            self.metrics.merged_adapters.set(1 if self.merged_slot else 0)
+
+    def _count(self, name: str) -> None:
+        if self.metrics is not None:
+            getattr(self.metrics, name).inc()
+
+    def _gauge(self) -> None:
+        if self.metrics is not None:
+            self.metrics.adapter_slots_in_use.set(self.table.in_use)
+
+
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+    """A compute-dtype linear holding a merged weight (never re-quantized)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    linear.requires_grad_(False)
+    if packing_available(device, weight.dtype):
+        return PackedLinear(linear, batch_hint=16)
+    return linear

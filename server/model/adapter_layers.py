@@ -1,0 +1,142 @@
+"""Adapter-aware linear layers with preallocated slot tensors, and the slot writer.
+
+Every linear of every decoder layer (q, k, v, o, gate, up, down) is wrapped once
+by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
+
+- lora_a [S+1, R, I], lora_b [S+1, O, R]: LoRA factors zero-padded to R =
+  --max-lora-rank, PEFT's scaling folded into B;
+- ia3_out [S+1, O]: IA3 output scale (PEFT's non-feed-forward modules: y = (W x + b) * l);
+- ia3_in [S+1, I]: IA3 input scale (feed-forward modules: y = W (x * l) + b).
+
+A shared `BatchMapping` says which slot each row uses; it is set once per forward
+and read by all layers. Slots that a kind does not use stay at identity (zeros for
+LoRA, ones for IA3), so one formula serves every row:
+
+    y = base(x * ia3_in[s]) * ia3_out[s] + lora_b[s] @ lora_a[s] @ x
+
+(PEFT never puts LoRA and IA3 in one adapter, so the order of terms only matters
+per kind, and matches PEFT for each.)
+
+A merged adapter (merge-on-demand) replaces `base` by a dense compute-dtype copy
+of W + delta; its rows then use slot 0, and every other row gets the merged
+adapter's delta subtracted (`merged_slot`), so all rows stay exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from server.model.adapter_ops import lora_delta, row_scale
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class BatchMapping:
+    """Per-forward adapter routing shared by every AdapterLinear.
+
+    slot_of_row [N]: each row's slot. rank: the largest LoRA rank among the rows'
+    slots (compute is sliced to it). Flags let layers skip work no row needs.
+    merged_correction [K] long: rows that must subtract the merged adapter's delta.
+    """
+
+    slot_of_row: torch.Tensor | None = None
+    rank: int = 0
+    any_ia3: bool = False
+    merged_slot: int = 0
+    merged_rank: int = 0
+    merged_correction: torch.Tensor | None = None
+    active: bool = False
+
+
+class AdapterLinear(nn.Module):
+    def __init__(self, base: nn.Module, in_features: int, out_features: int, num_slots: int, max_rank: int,
+                 mapping: BatchMapping, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = in_features, out_features
+        self.mapping = mapping
+        self.merged: nn.Module | None = None
+        slots = num_slots + 1
+        self.register_buffer("lora_a", torch.zeros(slots, max_rank, in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(slots, out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("ia3_out", torch.ones(slots, out_features, dtype=dtype, device=device))
+        self.register_buffer("ia3_in", torch.ones(slots, in_features, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
+        m = self.mapping
+        if not m.active:
+            return (self.merged or self.base)(x)
+        slots = m.slot_of_row
+        if m.any_ia3:
+            x_in = row_scale(x, self.ia3_in, slots)
+            y = row_scale((self.merged or self.base)(x_in), self.ia3_out, slots)
+        else:
+            y = (self.merged or self.base)(x)
+        if m.rank:
+            y = y + lora_delta(x, self.lora_a[:, :m.rank], self.lora_b[:, :, :m.rank], slots)
+        if m.merged_correction is not None:  # rows not of the merged adapter: undo its delta
+            rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
+            correction = (x.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :, :r].t()
+            y = y.index_add(0, rows, correction, alpha=-1)
+        return y
+
+    def base_weight(self) -> torch.Tensor:
+        """The base's [O, I] weight in compute dtype, dequantized if the base is bitsandbytes."""
+        weight = self.base.weight
+        if getattr(weight, "quant_state", None) is not None:  # 4-bit
+            import bitsandbytes.functional as bnbf
+            return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(self.lora_a.dtype)
+        if getattr(weight, "SCB", None) is not None:  # int8 rows with per-row absmax
+            return (weight.data.float() * weight.SCB.float()[:, None] / 127.0).to(self.lora_a.dtype)
+        return weight.detach().to(self.lora_a.dtype)
+
+    def base_bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base, "bias", None)
+        return None if bias is None else bias.detach().to(self.lora_a.dtype)
+
+
+def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:
+    """Wrap every decoder linear; returns the shared mapping and {(layer, module): AdapterLinear}."""
+    mapping = BatchMapping()
+    dtype = model.model.embed_tokens.weight.dtype
+    device = model.model.embed_tokens.weight.device
+    layers: dict[tuple[int, str], AdapterLinear] = {}
+    for i, layer in enumerate(model.model.layers):
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGET_MODULES:
+                base = getattr(parent, name, None)
+                if base is None:
+                    continue
+                wrapped = AdapterLinear(base, base.in_features, base.out_features, num_slots, max_rank, mapping,
+                                        dtype, device)
+                setattr(parent, name, wrapped)
+                layers[(i, name)] = wrapped
+    return mapping, layers
+
+
+def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
+    """Reset a slot to the identity in every layer."""
+    for layer in layers.values():
+        layer.lora_a[slot].zero_()
+        layer.lora_b[slot].zero_()
+        layer.ia3_out[slot].fill_(1.0)
+        layer.ia3_in[slot].fill_(1.0)
+
+
+def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter) -> None:
+    """Copy an `adapters.format.Adapter`'s weights into a slot (prefix adapters need none)."""
+    clear_slot(layers, slot)
+    for key, weights in adapter.lora.items():
+        layer = layers[key]
+        r = weights.rank
+        if r > layer.lora_a.shape[1]:
+            raise ValueError(f"adapter {adapter.name} has rank {r}, above the slots' maximum {layer.lora_a.shape[1]}")
+        layer.lora_a[slot, :r] = weights.a.to(layer.lora_a.dtype)
+        layer.lora_b[slot, :, :r] = (weights.b * weights.scaling).to(layer.lora_b.dtype)
+    for (i, module), vector in adapter.ia3.items():
+        layer = layers[(i, module)]
+        target = layer.ia3_in if module in adapter.ia3_feedforward else layer.ia3_out
+        target[slot] = vector.to(target.dtype)

@@ -1,0 +1,48 @@
+"""Adapters made by PEFT itself, with non-trivial weights, saved in PEFT's on-disk format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+def _save(model, path: Path, base_dir: Path) -> Path:
+    model.peft_config["default"].base_model_name_or_path = base_dir.name
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def make_lora(base_dir: Path, path: Path, seed: int, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+              **kw) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
+                        lora_dropout=0.0, **kw)
+    model = get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's non-zero init is small; make the delta clearly visible in outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    return _save(model, path, base_dir)
+
+
+def make_ia3(base_dir: Path, path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.uniform_(0.2, 1.8)
+    return _save(model, path, base_dir)
+
+
+def make_prefix(base_dir: Path, path: Path, seed: int, num_virtual_tokens: int = 5) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
+    model = get_peft_model(model, config)
+    return _save(model, path, base_dir)
