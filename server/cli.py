@@ -1,13 +1,22 @@
-"""`adapter-server`: start the inference server (flags override ADAPTER_SERVER_* environment variables)."""
+"""`adapter-server`: start the inference server (flags override ADAPTER_SERVER_* environment variables).
+
+API keys: --api-key / --admin-key (repeatable), ADAPTER_SERVER_API_KEYS / ADAPTER_SERVER_ADMIN_KEYS
+(comma-separated) or --api-key-file (one key per line: KEY or "inference KEY" or "admin KEY").
+Without any key every client may do everything, so the server then binds to 127.0.0.1
+unless --host says otherwise; with keys it binds to 0.0.0.0 by default.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+from dataclasses import replace
 
 from server.config import EngineConfig, ServerConfig
 
 log = logging.getLogger("adapter_server")
+
+LOOPBACK, ALL_INTERFACES = "127.0.0.1", "0.0.0.0"
 
 
 def _env(name: str, default):
@@ -15,9 +24,12 @@ def _env(name: str, default):
     return type(default)(value) if value is not None and default is not None else (value or default)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfig]:
-    e, s = EngineConfig(), ServerConfig()
-    p = argparse.ArgumentParser(prog="adapter-server", description=__doc__)
+def _env_list(name: str) -> list[str]:
+    value = os.environ.get(f"ADAPTER_SERVER_{name.upper()}", "")
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--model", default=_env("model", e.model),
                    help="local HF checkpoint dir (Llama, Mistral, Qwen2); default: the built-in tiny model")
     p.add_argument("--dtype", default=_env("dtype", e.dtype), help="auto | float32 | bfloat16 | float16")
@@ -26,17 +38,65 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
     p.add_argument("--device", default=_env("device", e.device), help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=_env("max_batch", e.max_batch))
     p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", e.max_seq_len))
-    p.add_argument("--max-waiting", type=int, default=_env("max_waiting", e.max_waiting))
+    p.add_argument("--max-waiting", type=int, default=_env("max_waiting", e.max_waiting),
+                   help="queue bound; beyond it requests get 429 with Retry-After")
     p.add_argument("--seed", type=int, default=_env("seed", e.seed))
-    p.add_argument("--host", default=_env("host", s.host))
+    p.add_argument("--adapter-dir", default=_env("adapter_dir", e.adapter_dir),
+                   help="the adapter store (default: <cache dir>/adapters)")
+    p.add_argument("--max-adapter-slots", type=int, default=_env("max_adapter_slots", e.max_adapter_slots),
+                   help="distinct adapters resident on the device at once")
+    p.add_argument("--max-lora-rank", type=int, default=_env("max_lora_rank", e.max_lora_rank))
+    p.add_argument("--adapter-cache-bytes", type=int, default=_env("adapter_cache_bytes", e.adapter_cache_bytes),
+                   help="CPU cache of loaded adapters, in bytes")
+
+
+def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
+    p.add_argument("--host", default=_env("host", None),
+                   help=f"default: {ALL_INTERFACES} when API keys are configured, else {LOOPBACK}")
     p.add_argument("--port", type=int, default=_env("port", s.port))
     p.add_argument("--log-level", default=_env("log_level", s.log_level))
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="an inference key (repeatable; env ADAPTER_SERVER_API_KEYS, comma-separated)")
+    p.add_argument("--admin-key", action="append", default=None, metavar="KEY",
+                   help="an admin key, may also manage adapters (repeatable; env ADAPTER_SERVER_ADMIN_KEYS)")
+    p.add_argument("--api-key-file", default=_env("api_key_file", s.api_key_file), metavar="PATH",
+                   help="file of keys, one per line: KEY, 'inference KEY' or 'admin KEY'")
+    p.add_argument("--request-timeout", type=float, default=_env("request_timeout", s.request_timeout),
+                   metavar="SECONDS", help="abort a request after this long (0: never)")
+    p.add_argument("--max-upload-bytes", type=int, default=_env("max_upload_bytes", s.max_upload_bytes),
+                   help="largest adapter upload accepted (413 beyond)")
+    p.add_argument("--max-adapter-labels", type=int, default=_env("max_adapter_labels", s.max_adapter_labels),
+                   help="adapters named in metric labels; the rest are counted as __other__")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfig]:
+    e, s = EngineConfig(), ServerConfig()
+    p = argparse.ArgumentParser(prog="adapter-server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_engine_flags(p, e)
+    _add_server_flags(p, s)
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1:
         p.error("--max-batch, --max-seq-len and --max-waiting must be positive")
+    if a.max_upload_bytes < 1 or a.max_adapter_slots < 1 or a.max_lora_rank < 1:
+        p.error("--max-upload-bytes, --max-adapter-slots and --max-lora-rank must be positive")
     engine = EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
-                          max_batch=a.max_batch, max_seq_len=a.max_seq_len, max_waiting=a.max_waiting, seed=a.seed)
-    return engine, ServerConfig(host=a.host, port=a.port, log_level=a.log_level)
+                          max_batch=a.max_batch, max_seq_len=a.max_seq_len, max_waiting=a.max_waiting, seed=a.seed,
+                          adapter_dir=a.adapter_dir, max_adapter_slots=a.max_adapter_slots,
+                          max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes)
+    server = ServerConfig(port=a.port, log_level=a.log_level,
+                          api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
+                          admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),
+                          api_key_file=a.api_key_file, request_timeout=a.request_timeout or None,
+                          max_upload_bytes=a.max_upload_bytes, max_adapter_labels=a.max_adapter_labels)
+    from server.api.auth import load_keys
+
+    try:
+        keys = load_keys(server)
+    except (OSError, ValueError) as exc:
+        p.error(f"API keys: {exc}")
+    host = a.host or (ALL_INTERFACES if keys.enabled else LOOPBACK)
+    return engine, replace(server, host=host)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,10 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from server.api.app import create_app
+    from server.api.auth import load_keys
     from server.engine.factory import build_engine
 
+    if not load_keys(server_config).enabled and server_config.host not in (LOOPBACK, "localhost", "::1"):
+        log.warning("no API keys configured and binding to %s: anyone who can reach this port can manage adapters",
+                    server_config.host)
     engine = build_engine(engine_config)
-    uvicorn.run(create_app(engine), host=server_config.host, port=server_config.port,
+    uvicorn.run(create_app(engine, server_config), host=server_config.host, port=server_config.port,
                 log_level=server_config.log_level.lower())
 
 

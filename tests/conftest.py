@@ -7,6 +7,7 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 # Engines built without an explicit adapter dir must not touch the user's cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("ADAPTER_SERVER_CACHE", tempfile.mkdtemp(prefix="adapter-server-tests-"))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 

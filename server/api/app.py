@@ -1,28 +1,52 @@
-"""The FastAPI application: routes translate HTTP bodies into engine requests and back.
+"""The FastAPI application factory: wires engine, configuration, auth, metrics and routes.
 
-No tensors here: prompts become token ids through the engine's tokenizer, and
-engine outputs (token ids, text, logprobs) become OpenAI-shaped JSON.
+The API layer never touches tensors: prompts become token ids through the engine's
+tokenizer, engine outputs (token ids, text, logprobs) become OpenAI-shaped JSON. Routes:
+
+* ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`.completions`, :mod:`.chat`)
+* ``GET /v1/models[/{id}]`` (:mod:`.models`)
+* ``/v1/adapters`` upload / list / get / delete (:mod:`.adapter_admin`, admin scope)
+* ``GET /health``, ``GET /metrics`` (:mod:`.monitoring`, open)
 """
 from __future__ import annotations
 
-import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api.errors import APIError, install_error_handlers
-from server.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
-                                 Usage)
-from server.engine.engine import Engine
-from server.engine.request import RequestOutput, SamplingParams
+from server.api import adapter_admin, chat, completions, models, monitoring
+from server.api.auth import AuthMiddleware, load_keys
+from server.api.context import ServerContext
+from server.api.errors import install_error_handlers
+from server.config import ServerConfig
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
+    """The app serving ``engine``; starts the engine thread on startup and stops it on shutdown.
+
+    Raises ValueError for an unreadable or malformed API key file.
+    """
+    config = server_config or ServerConfig()
+    keys = load_keys(config)
+    metrics = getattr(engine, "metrics", None)
+    if not isinstance(metrics, Metrics):
+        metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
+        engine.metrics = metrics
+    metrics.bind_engine(engine)
+    context = ServerContext(engine=engine, config=config, metrics=metrics, started_at=int(time.time()))
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if keys.enabled:
+            log.info("API keys required: %d inference, %d admin", len(keys.inference), len(keys.admin))
+        else:
+            log.warning("no API keys configured: every client can run inference and manage adapters; "
+                        "configure --api-key / --admin-key (or --api-key-file) before exposing this server")
         engine.start()
         try:
             yield
@@ -30,78 +54,10 @@ def create_app(engine: Engine) -> FastAPI:
             engine.shutdown()
 
     app = FastAPI(title="adapter-server", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.context = context
     install_error_handlers(app)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": engine.model_name, "running": engine.num_running,
-                "waiting": engine.num_waiting}
-
-    @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
-    async def completions(body: CompletionRequest):
-        if body.stream:
-            raise APIError(400, "streaming is not supported yet", param="stream")
-        prompts = _prompts(engine, body.prompt)
-        params = _sampling_params(body)
-        requests = [engine.make_request(ids, params, adapter=body.adapter) for ids in prompts for _ in range(body.n)]
-        results = await asyncio.gather(*(_collect(engine, r) for r in requests))
-        choices = []
-        for index, (request, outputs) in enumerate(zip(requests, results)):
-            text = "".join(o.text for o in outputs)
-            if body.echo:
-                text = engine.decode(request.prompt_token_ids) + text
-            choices.append(CompletionChoice(index=index, text=text, finish_reason=outputs[-1].finish_reason,
-                                            logprobs=_logprobs(engine, outputs) if body.logprobs is not None else None))
-        prompt_tokens = sum(len(ids) for ids in prompts)
-        completion_tokens = sum(outputs[-1].completion_tokens for outputs in results)
-        return CompletionResponse(model=body.model or engine.model_name, choices=choices,
-                                  usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                              total_tokens=prompt_tokens + completion_tokens))
-
+    app.add_middleware(AuthMiddleware, keys=keys)
+    app.add_middleware(monitoring.RequestMetricsMiddleware, metrics=metrics)  # outermost: counts 401/403 too
+    for module in (completions, chat, models, adapter_admin, monitoring):
+        app.include_router(module.router)
     return app
-
-
-def _prompts(engine: Engine, prompt) -> list[list[int]]:
-    """The OpenAI prompt forms: a string, a list of strings, a token list, a list of token lists."""
-    if isinstance(prompt, str):
-        prompt = [prompt]
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    if all(isinstance(p, int) for p in prompt):
-        prompt = [prompt]
-    if any(len(p) == 0 for p in prompt):
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    return [engine.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-
-
-def _sampling_params(body: CompletionRequest) -> SamplingParams:
-    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    return SamplingParams(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
-                          top_k=body.top_k, seed=body.seed, stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()),
-                          ignore_eos=body.ignore_eos, logprobs=body.logprobs)
-
-
-async def _collect(engine: Engine, request) -> list[RequestOutput]:
-    stream = engine.stream(request)
-    try:
-        outputs = [output async for output in stream]
-    finally:
-        stream.abort()  # a cancelled handler (client gone) frees the row; no-op once finished
-    if outputs[-1].finish_reason == "error":
-        raise APIError(500, outputs[-1].error or "generation failed")
-    return outputs
-
-
-def _logprobs(engine: Engine, outputs: list[RequestOutput]) -> CompletionLogprobs:
-    result = CompletionLogprobs()
-    offset = 0
-    for output in outputs:
-        for entry in output.logprobs or ():
-            token = engine.decode([entry.token_id])
-            result.tokens.append(token)
-            result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append({engine.decode([t]): lp for t, lp in entry.top} or None)
-            result.text_offset.append(offset)
-            offset += len(token)
-    return result

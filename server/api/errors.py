@@ -1,19 +1,35 @@
-"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}} with the right status."""
+"""Errors in the OpenAI shape: {"error": {"message", "type", "param", "code"}} with the right status.
+
+Every failure the API can report ends up here: our own :class:`APIError`, pydantic validation
+errors (400), the engine's ``RequestError`` (400) and ``QueueFull`` (429 with Retry-After),
+the adapter store's errors (their ``http_status``: 404 not found, 409 exists, 413 too large),
+``AdapterError`` (400), Starlette's HTTP errors (404 unknown route, 405) and anything
+unexpected (500, logged).
+"""
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapters.format import AdapterError
+from adapters.store import AdapterNotFound, StoreError
 from server.engine.request import QueueFull, RequestError
 
+log = logging.getLogger(__name__)
+
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "request_too_large", 429: "rate_limit_error",
-               503: "service_unavailable"}
+               404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+               413: "request_too_large", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+RETRY_AFTER_SECONDS = 1
 
 
 class APIError(Exception):
+    """An error with its HTTP status, reported to the client in the OpenAI shape."""
+
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  headers: dict[str, str] | None = None):
         super().__init__(message)
@@ -30,36 +46,54 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+def as_api_error(exc: Exception) -> APIError:
+    """The APIError a known exception stands for (engine, store, adapter format); others are 500."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, AdapterNotFound):
+        return APIError(404, str(exc), param="adapter", code="adapter_not_found")
+    if isinstance(exc, StoreError):
+        return APIError(exc.http_status, str(exc))
+    if isinstance(exc, (RequestError, AdapterError)):
+        return APIError(400, str(exc))
+    return APIError(500, "internal server error")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
-    return (f"{param}: {first.get('msg')}" if param else str(first.get("msg"))), param
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if first.get("type") == "model_attributes_type" and not location:
+        message = "the request body must be a JSON object"
+    return (f"{param}: {message}" if param else message), param
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+    async def _known(request: Request, exc: Exception):
+        error = as_api_error(exc)
+        return error_response(error.status, error.message, error.param, error.code, error.headers)
+
+    for exc_type in (APIError, RequestError, QueueFull, StoreError, AdapterError):
+        app.add_exception_handler(exc_type, _known)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         message, param = _validation_message(exc)
         return error_response(400, message, param)
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, exc: RequestError):
-        return error_response(400, str(exc))
-
-    @app.exception_handler(QueueFull)
-    async def _queue_full(request: Request, exc: QueueFull):
-        return error_response(429, str(exc), headers={"Retry-After": "1"})
-
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return error_response(exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error")

@@ -61,6 +61,7 @@ class AdapterPool:
         self.slot_info: dict[int, _SlotInfo] = {}
         self.prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> K, V [L, Hkv, P, D]
         self.merge_policy = merge_policy
+        mapping.owner = self  # the slot tensors are this pool's now; an older pool on this model must stop
         self.merged_slot = 0
         self.metrics = None
         self._cpu: OrderedDict[str, Adapter] = OrderedDict()
@@ -144,6 +145,8 @@ class AdapterPool:
 
     def set_mapping(self, rows: list[Request]) -> None:
         """Route the next forward: row i uses rows[i].slot (slot 0 for the merged adapter's rows)."""
+        if self.mapping.owner is not self:
+            raise RuntimeError("another engine was built on this model and owns its adapter slots now")
         slots = [r.slot for r in rows]
         m = self.mapping
         merged = self.merged_slot

@@ -49,6 +49,7 @@ class BatchMapping:
     merged_rank: int = 0
     merged_correction: torch.Tensor | None = None
     active: bool = False
+    owner: object | None = None  # the adapter pool whose slot contents the layers hold
 
 
 class AdapterLinear(nn.Module):

@@ -1,0 +1,31 @@
+"""What every route needs: the engine, the server configuration, the metrics and the API keys."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from server.api.errors import APIError
+from server.config import ServerConfig
+from server.metrics import Metrics
+
+
+@dataclass(frozen=True)
+class ServerContext:
+    engine: object  # server.engine.engine.Engine, or anything with the same contract
+    config: ServerConfig
+    metrics: Metrics
+    started_at: int  # unix time the app was created ("created" of the base model card)
+
+    @property
+    def adapter_store(self):
+        """The engine's adapter store; 503 when the engine has none."""
+        store = getattr(self.engine, "adapter_store", None)
+        if store is None:
+            raise APIError(503, "this server has no adapter store", code="no_adapter_store")
+        return store
+
+
+def get_context(request: Request) -> ServerContext:
+    """FastAPI dependency: the app's ServerContext."""
+    return request.app.state.context
