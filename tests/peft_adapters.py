@@ -46,3 +46,22 @@ def make_prefix(base_dir: Path, path: Path, seed: int, num_virtual_tokens: int =
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     model = get_peft_model(model, config)
     return _save(model, path, base_dir)
+
+
+def perturbed_copies(src: Path, root: Path, count: int, seed: int = 0) -> list[Path]:
+    """`count` distinct adapters in PEFT's format: src's config, its tensors with seeded noise added."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(count):
+        path = root / f"{src.name}-{i}"
+        path.mkdir(parents=True)
+        shutil.copy(src / "adapter_config.json", path / "adapter_config.json")
+        noisy = {k: v + 0.05 * torch.randn(v.shape, generator=generator) for k, v in tensors.items()}
+        save_file(noisy, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+        out.append(path)
+    return out

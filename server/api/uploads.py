@@ -168,8 +168,8 @@ def _unpack_zip(fileobj: IO[bytes], root: Path, budget: _Budget) -> None:
             raise too_large(MAX_ARCHIVE_MEMBERS, "the number of archive members")
         for info in members:
             path = _member_path(root, info.filename, seen)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+            file_type = stat.S_IFMT(info.external_attr >> 16)  # 0: written without unix file type bits
+            if file_type not in (0, stat.S_IFREG, stat.S_IFDIR):
                 raise APIError(400, f"archive member {info.filename!r} is a link or special file; archives may "
                                "hold only regular files and directories")
             if info.is_dir():

@@ -30,7 +30,7 @@ from server.engine.request import QueueFull, Request, RequestError, RequestOutpu
 from server.engine.runner import ModelRunner
 from server.engine.sampling import RowSampling, make_generator, sample
 from server.engine.scheduler import Scheduler
-from server.model.adapter_layers import install_adapter_layers
+from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
 
@@ -342,12 +342,14 @@ def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,
                store: AdapterStore | None) -> AdapterPool:
     """Wrap the model's linears with adapter slots (once per model) and build the tiers over the store."""
     model = loaded.model
+    size = (config.max_adapter_slots, config.max_lora_rank)
     installed = getattr(model, "adapter_install", None)
+    if installed is not None and installed[2] != size:
+        uninstall_adapter_layers(model)
+        installed = None
     if installed is None:
-        installed = install_adapter_layers(model, config.max_adapter_slots, config.max_lora_rank)
-        model.adapter_install = installed + ((config.max_adapter_slots, config.max_lora_rank),)
-    elif installed[2] != (config.max_adapter_slots, config.max_lora_rank):
-        raise ValueError("this model already has adapter slots of another size; load it again")
+        installed = install_adapter_layers(model, *size) + (size,)
+        model.adapter_install = installed
     mapping, layers = installed[0], installed[1]
     if store is None:
         root = config.adapter_dir or str(default_cache_dir() / "adapters")

@@ -68,20 +68,20 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
         m = self.mapping
+        base = self.merged or self.base
         if not m.active:
-            return (self.merged or self.base)(x)
+            return base(x)
         slots = m.slot_of_row
+        x_in = row_scale(x, self.ia3_in, slots) if m.any_ia3 else x
+        y = base(x_in)
+        if m.merged_correction is not None and self.merged is not None:  # other rows: undo the merged delta (inside IA3)
+            rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
+            correction = (x_in.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :, :r].t()
+            y = y.index_add(0, rows, correction, alpha=-1)
         if m.any_ia3:
-            x_in = row_scale(x, self.ia3_in, slots)
-            y = row_scale((self.merged or self.base)(x_in), self.ia3_out, slots)
-        else:
-            y = (self.merged or self.base)(x)
+            y = row_scale(y, self.ia3_out, slots)
         if m.rank:
             y = y + lora_delta(x, self.lora_a[:, :m.rank], self.lora_b[:, :, :m.rank], slots)
-        if m.merged_correction is not None:  # rows not of the merged adapter: undo its delta
-            rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
-            correction = (x.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :, :r].t()
-            y = y.index_add(0, rows, correction, alpha=-1)
         return y
 
     def base_weight(self) -> torch.Tensor:
@@ -116,6 +116,16 @@ def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> t
                 setattr(parent, name, wrapped)
                 layers[(i, name)] = wrapped
     return mapping, layers
+
+
+def uninstall_adapter_layers(model: nn.Module) -> None:
+    """Put the base linears back (e.g. to install slots of another size)."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, AdapterLinear):
+                    setattr(parent, name, child.base)
+    model.adapter_install = None
 
 
 def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
