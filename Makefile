@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[test,loadtest]"
+	$(PY) -m server.model.lora_ext
 	touch $(STAMP)
 
 .PHONY: install serve test bench-engine

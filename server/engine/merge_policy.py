@@ -35,9 +35,11 @@ class MergePolicy:
     def observe(self, row_adapters: list[str | None]) -> MergeDecision | None:
         """Feed one step's adapter per running row (None = base, or an unmergeable kind)."""
         total = len(row_adapters)
+        if total == 0:  # an idle engine keeps its state: the next burst likely has the same hot adapter
+            return None
         counts = Counter(a for a in row_adapters if a is not None)
         if self.merged is not None:
-            share = counts.get(self.merged, 0) / total if total else 0.0
+            share = counts.get(self.merged, 0) / total
             self._streak = self._streak + 1 if share < self.unmerge_threshold else 0
             if self._streak >= self.patience:
                 key, self.merged, self._streak = self.merged, None, 0

@@ -81,7 +81,7 @@ class AdapterLinear(nn.Module):
         if m.any_ia3:
             y = row_scale(y, self.ia3_out, slots)
         if m.rank:
-            y = y + lora_delta(x, self.lora_a[:, :m.rank], self.lora_b[:, :, :m.rank], slots)
+            y = y + lora_delta(x, self.lora_a, self.lora_b, slots, m.rank)
         return y
 
     def base_weight(self) -> torch.Tensor:
