@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from adapters.format import AdapterError
-from adapters.store import AdapterNotFound, AdapterRecord
+from adapters.store import AdapterNotFound, AdapterRecord, validate_name
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
 from server.api.protocol import AdapterDeleted, AdapterInfo, AdapterList
@@ -63,33 +63,40 @@ def _record(store, name: str) -> AdapterRecord:
 @router.post("/v1/adapters", status_code=201, response_model=AdapterInfo)
 async def upload_adapter(request: Request, ctx: ServerContext = Depends(get_context)):
     store = ctx.adapter_store
-    engine = ctx.engine
     form = await read_form(request, ctx.config.max_upload_bytes)
     try:
-        name = form.get("name") or request.query_params.get("name")
-        if not isinstance(name, str) or not name:
-            raise APIError(400, "the adapter's name is required (form field 'name')", param="name")
-        overwrite_value = form.get("overwrite")
-        overwrite = _flag(overwrite_value if isinstance(overwrite_value, str)
-                          else request.query_params.get("overwrite"), "overwrite")
-        files = [f for f in form.getlist("files") + form.getlist("file") if isinstance(f, UploadFile)]
-        validate_adapter = getattr(engine, "validate_adapter", None)
-        validate = (lambda path: validate_adapter(path, name)) if validate_adapter is not None else None
-        with tempfile.TemporaryDirectory(prefix="adapter-upload-") as workdir:
-            staging = Path(store.root) / ".staging"
-            try:
-                adapter_dir = await run_in_threadpool(unpack_upload, files, Path(workdir), ctx.config.max_upload_bytes)
-                record = await run_in_threadpool(store.add, name, adapter_dir, overwrite=overwrite, validate=validate)
-            except AdapterError as exc:
-                message = _scrub(str(exc), [Path(workdir) / "adapter", Path(workdir)])
-                message = re.sub(re.escape(str(staging)) + r"/tmp\.[0-9a-f]{32}\." + re.escape(name), "the upload",
-                                 message)
-                raise APIError(400, message) from None
+        name, overwrite, files = _upload_fields(form, request)
+        record = await run_in_threadpool(_store_upload, ctx, store, name, overwrite, files)
     finally:
         await form.close()
-    if overwrite:
-        _invalidate(engine, name)
+    _invalidate(ctx.engine, name)  # an overwrite, or a name deleted and uploaded again: no stale copies
     return adapter_info(record)
+
+
+def _upload_fields(form, request: Request) -> tuple[str, bool, list[UploadFile]]:
+    """(name, overwrite, files) of an upload; form fields win over query parameters."""
+    name = form.get("name") or request.query_params.get("name")
+    if not isinstance(name, str) or not name:
+        raise APIError(400, "the adapter's name is required (form field 'name')", param="name")
+    validate_name(name)
+    overwrite = form.get("overwrite")
+    overwrite = _flag(overwrite if isinstance(overwrite, str) else request.query_params.get("overwrite"), "overwrite")
+    files = [f for f in form.getlist("files") + form.getlist("file") if isinstance(f, UploadFile)]
+    return name, overwrite, files
+
+
+def _store_upload(ctx: ServerContext, store, name: str, overwrite: bool, files: list[UploadFile]) -> AdapterRecord:
+    """Unpack into a private temp dir and add to the store (runs in a worker thread); the temp dir always goes."""
+    validate_adapter = getattr(ctx.engine, "validate_adapter", None)
+    validate = (lambda path: validate_adapter(path, name)) if validate_adapter is not None else None
+    with tempfile.TemporaryDirectory(prefix="adapter-upload-") as workdir:
+        try:
+            adapter_dir = unpack_upload(files, Path(workdir), ctx.config.max_upload_bytes)
+            return store.add(name, adapter_dir, overwrite=overwrite, validate=validate)
+        except AdapterError as exc:
+            message = _scrub(str(exc), [Path(workdir) / "adapter", Path(workdir)])
+            staged = re.escape(str(Path(store.root) / ".staging")) + r"/tmp\.[0-9a-f]{32}\." + re.escape(name)
+            raise APIError(400, re.sub(staged, "the upload", message)) from None
 
 
 @router.get("/v1/adapters", response_model=AdapterList)

@@ -60,7 +60,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     generation = Generation(ctx, requests, arrival)
     if body.stream:
         state = _ChatStream(ctx, body, model, requests, len(prompt))
-        return stream_events(request, state, generation, "chat.completion.chunk")
+        return stream_events(request, state, generation)
     try:
         results = await collect(generation, request)
     except ClientDisconnected:
@@ -78,14 +78,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 class _ChatStream(StreamState):
     """Chunks of a streamed chat completion (``object: chat.completion.chunk``)."""
 
+    chunk_object = "chat.completion.chunk"
+
     def __init__(self, ctx: ServerContext, body: ChatCompletionRequest, model: str, requests, prompt_tokens: int):
         super().__init__(ctx.engine, f"chatcmpl-{uuid.uuid4().hex}", model, requests, body.include_usage,
                          prompt_tokens)
         self.body = body
 
     def _chunk(self, index: int, delta: dict, finish_reason: str | None, logprobs=None) -> dict:
-        return self.envelope("chat.completion.chunk", [{"index": index, "delta": delta, "logprobs": logprobs,
-                                                        "finish_reason": finish_reason}])
+        return self.envelope([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def opening(self, index: int) -> list[dict]:
         return [self._chunk(index, {"role": "assistant", "content": ""}, None)]

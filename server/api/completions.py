@@ -58,7 +58,7 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Serv
     generation = Generation(ctx, requests, arrival)
     if body.stream:
         state = _CompletionStream(ctx, body, model, requests, sum(len(ids) for ids in prompts))
-        return stream_events(request, state, generation, "text_completion")
+        return stream_events(request, state, generation)
     try:
         results = await collect(generation, request)
     except ClientDisconnected:
@@ -81,14 +81,15 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Serv
 class _CompletionStream(StreamState):
     """Chunks of a streamed completion (``object: text_completion``)."""
 
+    chunk_object = "text_completion"
+
     def __init__(self, ctx: ServerContext, body: CompletionRequest, model: str, requests, prompt_tokens: int):
         super().__init__(ctx.engine, f"cmpl-{uuid.uuid4().hex}", model, requests, body.include_usage, prompt_tokens)
         self.body = body
         self.offsets = [0] * len(requests)
 
     def _chunk(self, index: int, text: str, finish_reason: str | None, logprobs=None) -> dict:
-        return self.envelope("text_completion", [{"index": index, "text": text, "logprobs": logprobs,
-                                                  "finish_reason": finish_reason}])
+        return self.envelope([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
 
     def opening(self, index: int) -> list[dict]:
         if not self.body.echo:

@@ -71,8 +71,10 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    if first.get("type") == "model_attributes_type" and not location:
-        message = "the request body must be a JSON object"
+    if not location and first.get("type") == "missing":
+        message = "the request body is empty; send a JSON object"
+    elif not location and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        message = "the request body must be a JSON object (Content-Type: application/json)"
     return (f"{param}: {message}" if param else message), param
 
 

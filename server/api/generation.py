@@ -87,23 +87,22 @@ def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adap
 
 
 class _SequenceTimer:
-    """Latency bookkeeping of one sequence (time to first token, inter-token gaps)."""
+    """Latency and token bookkeeping of one sequence, from the outputs as the event loop sees them."""
 
     def __init__(self, arrival: float):
         self.arrival = arrival
-        self.last: float | None = None
+        self.last_token: float | None = None
 
     def observe(self, metrics: Metrics, output: RequestOutput, now: float) -> None:
         tokens = len(output.token_ids)
         if tokens:
-            if self.last is None:
+            if self.last_token is None:
                 metrics.time_to_first_token.observe(now - self.arrival)
-                tokens -= 1
             else:
+                gap = (now - self.last_token) / tokens  # an update carrying several tokens spreads its gap
                 for _ in range(tokens):
-                    metrics.inter_token_latency.observe((now - self.last) / tokens)
-                tokens = 0
-            self.last = now
+                    metrics.inter_token_latency.observe(gap)
+            self.last_token = now
         if output.finished:
             metrics.e2e_latency.observe(now - self.arrival)
             metrics.prompt_tokens.inc(output.prompt_tokens)

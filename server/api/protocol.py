@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic).
 
 Request models are strict: a string where a number belongs is a 400, not a silent
-conversion. Unknown fields are ignored (clients send many), but the OpenAI fields this
+conversion; ``null`` means "use the default", as in OpenAI's schema. Unknown fields are ignored (clients send many), but the OpenAI fields this
 server cannot honour (penalties, logit_bias, best_of, suffix, tools) are refused when set
 rather than quietly dropped. Streaming chunks are built as plain dicts in
 :mod:`server.api.completions` and :mod:`server.api.chat`; they follow the same shapes.
@@ -68,6 +68,12 @@ class SamplingFields(BaseModel):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Clients send ``"temperature": null`` and the like for "not set": use the default."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -24,7 +24,9 @@ CLIENT_GONE = 499
 
 
 class StreamState:
-    """Builds the chunks of one streamed response; subclasses define ``opening`` and ``update``."""
+    """Builds the chunks of one streamed response; subclasses set ``chunk_object`` and define ``update``."""
+
+    chunk_object = ""
 
     def __init__(self, engine, response_id: str, model: str, requests, include_usage: bool,
                  prompt_tokens: int):
@@ -37,8 +39,8 @@ class StreamState:
         self.created = int(time.time())
         self.completion_tokens = [0] * len(requests)
 
-    def envelope(self, obj: str, choices: list[dict]) -> dict:
-        chunk = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+    def envelope(self, choices: list[dict]) -> dict:
+        chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": choices}
         if self.include_usage:
             chunk["usage"] = None
         return chunk
@@ -51,15 +53,14 @@ class StreamState:
         """Chunks for one engine output of choice ``index``."""
         raise NotImplementedError
 
-    def usage_chunk(self, obj: str) -> dict:
+    def usage_chunk(self) -> dict:
         completion = sum(self.completion_tokens)
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [],
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": [],
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
                           "total_tokens": self.prompt_tokens + completion}}
 
 
-def stream_events(http_request: HTTPRequest, state: StreamState, generation: Generation,
-                  chunk_object: str) -> EventStreamResponse:
+def stream_events(http_request: HTTPRequest, state: StreamState, generation: Generation) -> EventStreamResponse:
     """The SSE response streaming ``generation`` through ``state``."""
 
     async def body():
@@ -73,7 +74,7 @@ def stream_events(http_request: HTTPRequest, state: StreamState, generation: Gen
                 for chunk in state.update(index, output):
                     yield event(chunk)
             if state.include_usage:
-                yield event(state.usage_chunk(chunk_object))
+                yield event(state.usage_chunk())
             finished = True
             yield DONE
         except APIError as exc:
@@ -90,4 +91,4 @@ def stream_events(http_request: HTTPRequest, state: StreamState, generation: Gen
             if not finished:
                 http_request.state.final_status = CLIENT_GONE
 
-    return EventStreamResponse(body())
+    return EventStreamResponse(body(), on_close=generation.close)

@@ -68,6 +68,7 @@ class Engine:
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._submit_lock = threading.Lock()
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -108,16 +109,22 @@ class Engine:
         return request
 
     def submit(self, request: Request, emit: OutputCallback) -> None:
-        """Queue a request; `emit` is called from the engine thread with every update."""
-        if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
-            raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
+        """Queue a request; `emit` is called from the engine thread with every update.
+
+        Raises QueueFull here, in the caller's thread, so the bound is never hit later
+        inside the engine (the check and the enqueue are atomic among submitters; the
+        engine thread only ever shrinks the queue).
+        """
         seed = request.params.seed if request.params.seed is not None else self._rng.getrandbits(63)
         max_tokens = request.params.max_tokens or (self.max_seq_len - request.num_tokens)
         tracked = _Tracked(request, RowSampling(request.params, make_generator(seed)),
                            IncrementalDetokenizer(self.tokenizer, request.params.stop), emit, max_tokens)
+        with self._submit_lock:
+            if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
+                raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
+            self._inbox.put(("add", tracked))
         if request.adapter_version is not None:
             self.adapters.prefetch(request.adapter_version, request.adapter)
-        self._inbox.put(("add", tracked))
         self._wake.set()
 
     def abort(self, request_id: str) -> None:
@@ -134,6 +141,7 @@ class Engine:
 
     def start(self) -> None:
         if self._thread is None:
+            self._stopping = False
             self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
             self._thread.start()
 
