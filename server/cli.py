@@ -48,6 +48,15 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--max-lora-rank", type=int, default=_env("max_lora_rank", e.max_lora_rank))
     p.add_argument("--adapter-cache-bytes", type=int, default=_env("adapter_cache_bytes", e.adapter_cache_bytes),
                    help="CPU cache of loaded adapters, in bytes")
+    p.add_argument("--merge-threshold", type=float, default=_env("merge_threshold", e.merge_threshold),
+                   help="merge an adapter into the base when its share of running rows stays at or above this "
+                        "(above 1: never merge)")
+    p.add_argument("--unmerge-threshold", type=float, default=_env("unmerge_threshold", e.unmerge_threshold),
+                   help="unmerge it when its share stays below this")
+    p.add_argument("--merge-patience", type=int, default=_env("merge_patience", e.merge_patience),
+                   help="consecutive engine steps a share must hold before a merge or an unmerge")
+    p.add_argument("--merge-min-batch", type=int, default=_env("merge_min_batch", e.merge_min_batch),
+                   help="never merge while fewer rows than this are running")
 
 
 def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
@@ -83,7 +92,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
     engine = EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
                           max_batch=a.max_batch, max_seq_len=a.max_seq_len, max_waiting=a.max_waiting, seed=a.seed,
                           adapter_dir=a.adapter_dir, max_adapter_slots=a.max_adapter_slots,
-                          max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes)
+                          max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes,
+                          merge_threshold=a.merge_threshold, unmerge_threshold=a.unmerge_threshold,
+                          merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch)
     server = ServerConfig(port=a.port, log_level=a.log_level,
                           api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
                           admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),
