@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m server.model.lora_ext
 	touch $(STAMP)
 
-.PHONY: install serve test bench-engine
+.PHONY: install serve test bench-engine bench-adapters demo
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -20,3 +20,23 @@ test: $(STAMP)
 
 bench-engine: $(STAMP)
 	$(PY) -m loadtest.bench_engine $(ARGS)
+
+bench-adapters: $(STAMP)
+	$(PY) -m loadtest.bench_adapters $(ARGS)
+
+demo: $(STAMP)
+	$(PY) -m adapters.demo $(ARGS)
+
+# Load tests (docs/BENCHMARKS.md). `make loadtest` drives a running server (`make serve`) with locust
+# for RUN_TIME and exits; `make bench` runs the benchmark harness (starts and stops the servers itself).
+HOST ?= http://127.0.0.1:8000
+USERS ?= 8
+RUN_TIME ?= 60s
+
+.PHONY: loadtest bench
+loadtest: $(STAMP)
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless -H $(HOST) -u $(USERS) -r $(USERS) -t $(RUN_TIME) \
+		--stop-timeout 60 --only-summary $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m loadtest.harness $(ARGS)

@@ -172,7 +172,9 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adapterctl", description="Manage the adapters of an adapter-server.",
-                                     parents=[_common(True)])
+                                     parents=[_common(True)],
+                                     epilog="adapterctl train --help: train a LoRA, IA3 or prefix adapter "
+                                            "(and --upload it)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub = [_common(False)]
     upload = commands.add_parser("upload", parents=sub, help="upload a PEFT adapter directory or archive")
@@ -188,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:  # the trainer has its own, long list of options
+        from adapters.train import main as train_main
+
+        return train_main(argv[1:], prog="adapterctl train")
     args = build_parser().parse_args(argv)
     try:
         output = run(args)
