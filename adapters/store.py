@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, inspect_adapter_dir
+from adapters.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,6 @@ def validate_name(name: str) -> str:
             f"invalid adapter name {name!r}: use 1-64 characters from letters, digits, '.', '_' and '-', "
             "starting with a letter or digit, without '..'")
     return name
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy_file(src: Path, dst: Path) -> str:
@@ -211,7 +204,7 @@ class AdapterStore:
                 digest = _copy_file(src_dir / f, staged / f)
                 if f == WEIGHTS_NAME:
                     sha = digest
-            _fsync_dir(staged)
+            fsync_path(staged)
             size = sum((staged / f).stat().st_size for f in files)
             if size > self.max_adapter_bytes:  # the source grew while we copied
                 raise AdapterTooLarge(f"adapter {name!r} is {size} bytes, over the store limit of "
@@ -255,7 +248,7 @@ class AdapterStore:
             doomed = self._staging / f"del.{uuid.uuid4().hex}.{name}"
             if target.exists():
                 os.rename(target, doomed)
-                _fsync_dir(self._dir)
+                fsync_path(self._dir)
             entries.pop(name, None)
             self._write_index(entries)
         shutil.rmtree(doomed, ignore_errors=True)
@@ -288,7 +281,7 @@ class AdapterStore:
             os.rename(target, aside)
         try:
             os.rename(staged, target)
-            _fsync_dir(self._dir)
+            fsync_path(self._dir)
             entries[name] = record
             self._write_index(entries)
         except BaseException:
@@ -299,7 +292,7 @@ class AdapterStore:
                 os.rename(aside, target)
             elif target.exists() and not staged.exists():
                 os.rename(target, staged)
-            _fsync_dir(self._dir)
+            fsync_path(self._dir)
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
@@ -320,7 +313,7 @@ class AdapterStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._index)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -359,7 +352,7 @@ class AdapterStore:
                     doomed = self._staging / f"del.{uuid.uuid4().hex}.{name}"
                     os.rename(target, doomed)
                     os.rename(entry, target)
-                    _fsync_dir(self._dir)
+                    fsync_path(self._dir)
                     shutil.rmtree(doomed, ignore_errors=True)
                     continue
             if kind == "tmp" and _in_use(entry):

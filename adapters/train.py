@@ -44,6 +44,7 @@ import torch
 
 from adapters.dataset import DatasetError, Example, batches, collate, load_examples, split_examples
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, BaseSpec, load_adapter
+from adapters.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -343,14 +344,6 @@ def fit(model, train: Sequence[Example], config: TrainConfig, pad_id: int) -> li
 # ------------------------------------------------------------------------------------------ output
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapter(model, dest: Path) -> None:
     """Write exactly adapter_config.json + adapter_model.safetensors into the (empty) dir ``dest``."""
     scratch = Path(tempfile.mkdtemp(prefix=".save-", dir=dest))
@@ -368,9 +361,9 @@ def save_adapter(model, dest: Path) -> None:
     os.umask(umask)
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         os.chmod(dest / name, 0o666 & ~umask)
-        _fsync(dest / name)
+        fsync_path(dest / name)
     os.chmod(dest, 0o777 & ~umask)  # mkdtemp made it private
-    _fsync(dest)
+    fsync_path(dest)
 
 
 def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -390,7 +383,7 @@ def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
     finally:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-    _fsync(out.parent)
+    fsync_path(out.parent)
 
 
 # ------------------------------------------------------------------------------------------ API

@@ -49,9 +49,9 @@ def make_adapters(base: Path, root: Path, count: int) -> dict[str, list[Path]]:
 
 
 def engine_throughput(loaded, store: AdapterStore, batch: int, adapters: list[str | None], new_tokens: int,
-                      repeats: int, merge: bool = False) -> float:
+                      repeats: int, merge: bool = False, threshold: float = 0.5) -> float:
     config = EngineConfig(max_batch=batch, max_seq_len=PROMPT_LEN + 16 + new_tokens + 1, max_adapter_slots=batch,
-                          max_lora_rank=16, merge_threshold=0.5 if merge else 2.0, unmerge_threshold=0.4,
+                          max_lora_rank=16, merge_threshold=threshold if merge else 2.0, unmerge_threshold=0.01,
                           merge_patience=1, merge_min_batch=1)
     engine = Engine(loaded, config, store=store)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -110,6 +110,21 @@ def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[fl
     return statistics.median(samples), samples[min(len(samples) - 1, round(0.99 * (len(samples) - 1)))]
 
 
+def merge_sweep(loaded, store: AdapterStore, batch: int, lora_names: list[str], args) -> list[dict]:
+    """Throughput with k of `batch` rows on one hot LoRA (the rest distinct LoRAs), unmerged vs merged."""
+    rows = []
+    for hot_rows in sorted({batch // 4, batch // 2, (3 * batch) // 4, (7 * batch) // 8, batch}):
+        adapters = [lora_names[0]] * hot_rows + lora_names[1:1 + batch - hot_rows]
+        share = hot_rows / batch
+        plain = engine_throughput(loaded, store, batch, adapters, args.new_tokens, args.repeats)
+        merged = engine_throughput(loaded, store, batch, adapters, args.new_tokens, args.repeats, merge=True,
+                                   threshold=share)
+        rows.append({"hot_share": share, "unmerged_tok_s": round(plain, 1), "merged_tok_s": round(merged, 1),
+                     "merged_vs_unmerged": round(merged / plain, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32])
@@ -117,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT peer (slow)")
+    parser.add_argument("--merge-sweep", action="store_true",
+                        help="also measure merged vs unmerged throughput as the hot adapter's share of rows varies "
+                             "(how the default --merge-threshold was chosen)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -148,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
                 row["peft_lora_tok_s"], row["ours_vs_peft"] = round(peft, 1), round(row["lora_tok_s"] / peft, 2)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+        if args.merge_sweep:
+            results["merge_sweep"] = merge_sweep(loaded, store, max(args.batches), names["lora"], args)
         p50, p99 = cold_load_latency(loaded, paths["lora"], dtype)
         results["cold_load_ms"] = {"p50": round(p50 * 1e3, 2), "p99": round(p99 * 1e3, 2)}
     print(_table(results))
@@ -162,6 +182,8 @@ def _table(results: dict) -> str:
     for r in results["rows"]:
         lines.append(f"| {r['batch']} | {r['base_tok_s']} | {r['lora_vs_base']} | {r['ia3_vs_base']} | "
                      f"{r['prefix_vs_base']} | {r['merged_vs_base']} | {r.get('ours_vs_peft', '-')} |")
+    for r in results.get("merge_sweep", []):
+        lines.append(f"hot share {r['hot_share']:.2f}: merged/unmerged {r['merged_vs_unmerged']}")
     cold = results["cold_load_ms"]
     lines.append(f"cold load of one LoRA adapter, disk -> slot: p50 {cold['p50']} ms, p99 {cold['p99']} ms")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ import torch
 from adapters.store import AdapterNotFound, AdapterStore
 from server.config import EngineConfig
 from server.engine.engine import Engine
-from server.engine.request import Request, SamplingParams, Status
+from server.engine.request import SamplingParams, Status
 from server.model.loader import load_model
 from tests.peft_adapters import make_ia3, make_lora, make_prefix, perturbed_copies
 

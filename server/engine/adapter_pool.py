@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapters.format import Adapter, AdapterError, BaseSpec, load_adapter
+from adapters.format import Adapter, BaseSpec, load_adapter
 from adapters.store import AdapterRecord, AdapterStore
 from server.engine.merge_policy import MergeDecision, MergePolicy
 from server.engine.request import Request

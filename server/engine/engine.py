@@ -368,4 +368,3 @@ def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,
                        num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
                        cpu_cache_bytes=config.adapter_cache_bytes, dtype=loaded.dtype, device=device,
                        merge_policy=policy)
-    return pool

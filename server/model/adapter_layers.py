@@ -23,7 +23,7 @@ adapter's delta subtracted (`merged_slot`), so all rows stay exact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn

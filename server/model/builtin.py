@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from adapters.fsutil import fsync_path
+
 logger = logging.getLogger(__name__)
 
 BUILTIN_MODEL_NAME = "tiny-llama-builtin"
@@ -167,14 +169,6 @@ def _is_complete(path: Path) -> bool:
     return marker.get("recipe_version") == RECIPE_VERSION and all((path / f).is_file() for f in MODEL_FILES)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_model(dest: Path) -> None:
     from safetensors.torch import save_file
 
@@ -188,8 +182,8 @@ def _write_model(dest: Path) -> None:
     (dest / "builtin.json").write_text(json.dumps({"name": BUILTIN_MODEL_NAME, "recipe_version": RECIPE_VERSION,
                                                     "seed": SEED, "torch": torch.__version__}, indent=2) + "\n")
     for f in MODEL_FILES:
-        _fsync(dest / f)
-    _fsync(dest)
+        fsync_path(dest / f)
+    fsync_path(dest)
 
 
 def ensure_builtin_model(cache_dir: Path | None = None) -> Path:
@@ -226,7 +220,7 @@ def _create(target: Path) -> None:
             logger.info("another process created %s first; using it", target)
         else:
             tmp = None
-            _fsync(target.parent)
+            fsync_path(target.parent)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
