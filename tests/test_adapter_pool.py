@@ -198,3 +198,18 @@ def test_replaced_adapter_serves_new_weights(loaded, base, tmp_path):
     fresh = reference.make_request([5, 6, 7], greedy(8), adapter="x")
     reference.generate([fresh])
     assert after == fresh.output_token_ids != before
+
+
+def test_a_new_engine_does_not_inherit_a_merge(loaded, store):
+    def base_tokens():
+        engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=64), store=store)
+        request = engine.make_request([5, 6, 7], greedy(6))
+        engine.generate([request])
+        return request.output_token_ids
+
+    before = base_tokens()
+    hot = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=64, merge_threshold=0.5, unmerge_threshold=0.01,
+                                      merge_patience=1, merge_min_batch=1), store=store)
+    hot.generate([hot.make_request([5, 6, 7], greedy(6), adapter="hot") for _ in range(4)])
+    assert hot.adapters.merged_slot  # still merged when this engine goes away
+    assert base_tokens() == before

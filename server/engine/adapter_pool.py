@@ -62,6 +62,9 @@ class AdapterPool:
         self.prefix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> K, V [L, Hkv, P, D]
         self.merge_policy = merge_policy
         mapping.owner = self  # the slot tensors are this pool's now; an older pool on this model must stop
+        mapping.active = False
+        for layer in layers.values():  # an older pool's merge must not leak into this one
+            layer.merged = None
         self.merged_slot = 0
         self.metrics = None
         self._cpu: OrderedDict[str, Adapter] = OrderedDict()
