@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import httpx
 
@@ -58,7 +59,7 @@ class Result:
     @property
     def gaps(self) -> list[float]:
         t = self.chunk_times
-        return [b - a for a, b in zip(t, t[1:])]
+        return [b - a for a, b in pairwise(t)]
 
     def tokens_between(self, start: float, end: float) -> float:
         """Generated tokens that arrived in [start, end] (each chunk weighs tokens / chunks)."""

@@ -4,17 +4,19 @@ A run is a warm-up (``warmup`` seconds, results discarded) followed by the measu
 bounded either by time (``duration`` seconds of offered load) or by count (``requests``
 requests sent). A time-bounded part also waits for ``min_requests`` requests sent inside it:
 in a closed loop a slow server may still be busy with the warm-up's requests when
-``duration`` is over, and would otherwise have no request of its own measured. Requests still running when the measured part ends are allowed to finish
-(up to ``drain_timeout``, then cancelled and counted as failed) so that their latencies
-count; throughput counts only the tokens that arrived inside the measurement window.
+``duration`` is over, and would otherwise have no request of its own measured.
+
+Requests still running when the measured part ends are allowed to finish (up to
+``drain_timeout``, then cancelled and counted as failed) so that their latencies count;
+throughput counts only the tokens that arrived inside the measurement window.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
 
 import httpx
 
@@ -142,7 +144,7 @@ class _Run:
                     self.record.window_end = time.perf_counter()
                 pending = [t for t in senders + list(self.tasks) if not t.done()]
                 if pending:
-                    done, not_done = await asyncio.wait(pending, timeout=c.drain_timeout)
+                    _, not_done = await asyncio.wait(pending, timeout=c.drain_timeout)
                     for t in not_done:
                         t.cancel()
                     if not_done:

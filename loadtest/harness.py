@@ -169,6 +169,8 @@ def machine() -> dict:
 
 
 class Harness:
+    """One run: the adapters, the servers, the scenarios and their result rows."""
+
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.model = resolve_model(args.model)
@@ -232,9 +234,10 @@ class Harness:
                 scraped["after"] = await scrape(client)
             return record
 
+        load_before = os.getloadavg()[0]
         record = asyncio.run(go())
         row = {"label": label, "system": system, "workload": workload, "adapters": count, "skew": skew,
-               **summarize(record, self.slo)}
+               **summarize(record, self.slo), "load_average_1m": [load_before, os.getloadavg()[0]]}
         if scraped.get("before") is not None:
             row.update(cache_hit_rate(scraped["before"], scraped["after"]))
         row["startup_s"] = server.startup_seconds
@@ -372,8 +375,8 @@ def _pct(value) -> str:
 
 
 def markdown_tables(rows: list[dict], ratio_rows: list[dict]) -> str:
-    lines = ["| system/workload | N | skew | req/s | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | TPOT p50 "
-             "| SLO | slot hit rate | failed |",
+    lines = [("| system/workload | N | skew | req/s | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | TPOT p50 "
+              "| SLO | slot hit rate | failed |"),
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["adapters"], r["system"] != "ours", r["label"], r["skew"])):
         if "error" in r:
@@ -385,8 +388,8 @@ def markdown_tables(rows: list[dict], ratio_rows: list[dict]) -> str:
             f"{r['throughput_tok_s']:.1f} | {_fmt(r['ttft_p50'])} | {_fmt(r['ttft_p99'])} | {_fmt(r['itl_p50'])} | "
             f"{_fmt(r['itl_p99'])} | {_fmt(r['tpot_p50'])} | {_pct(r['slo_attainment'])} | "
             f"{_pct(r.get('adapter_cache_hit_rate'))} | {r['requests_failed']}/{r['requests_sent']} |")
-    lines += ["", "| N | system/workload | against | tok/s ratio | req/s ratio | TTFT p50 ratio | TTFT p99 ratio "
-              "| ITL p50 ratio | TPOT p50 ratio |", "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", ("| N | system/workload | against | tok/s ratio | req/s ratio | TTFT p50 ratio | TTFT p99 ratio "
+                   "| ITL p50 ratio | TPOT p50 ratio |"), "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
     for e in ratio_rows:
         lines.append(f"| {e['adapters']} | {e['system']} | {e['against']} | {_fmt(e['throughput_tok_s'])} | "
                      f"{_fmt(e['throughput_req_s'])} | {_fmt(e['ttft_p50'])} | {_fmt(e['ttft_p99'])} | "

@@ -32,9 +32,9 @@ import logging
 import random
 import time
 
-from locust import HttpUser, events, task  # first: locust monkey-patches ssl and sockets (gevent)
+import httpx
+from locust import HttpUser, events, task
 
-import requests  # noqa: E402  (after locust, see above)
 from loadtest.client import COMPLETIONS, request_body
 from loadtest.workload import RequestSpec, Workload, parse_mix, ranked_from_available
 
@@ -52,7 +52,8 @@ class _State:
 @events.init_command_line_parser.add_listener
 def _options(parser):
     group = parser.add_argument_group("adapter-server load")
-    group.add_argument("--adapter-count", type=int, default=None, help="adapters in play (default: all the server holds)")
+    group.add_argument("--adapter-count", type=int, default=None,
+                       help="adapters in play (default: all the server holds)")
     group.add_argument("--zipf-skew", type=float, default=1.0, help="popularity skew (0: uniform)")
     group.add_argument("--mix", default="lora=0.5,ia3=0.25,prefix=0.25", help="adapter kinds in play, by weight")
     group.add_argument("--base-fraction", type=float, default=0.1, help="share of requests on the base model")
@@ -71,13 +72,13 @@ def _headers(options) -> dict:
 def discover(host: str, headers: dict) -> tuple[str, dict[str, list[str]]]:
     """The base model's name and the server's adapters by kind."""
     host = host.rstrip("/")
-    base = requests.get(f"{host}/health", headers=headers, timeout=30).json().get("model", "")
+    base = httpx.get(f"{host}/health", headers=headers, timeout=30).json().get("model", "")
     by_kind: dict[str, list[str]] = {}
-    response = requests.get(f"{host}/v1/adapters", headers=headers, timeout=30)
+    response = httpx.get(f"{host}/v1/adapters", headers=headers, timeout=30)
     if response.status_code == 200:
         entries = [(a["name"], a["kind"]) for a in response.json()["data"]]
     else:  # not an admin key: the model list names adapters and their kind too
-        models = requests.get(f"{host}/v1/models", headers=headers, timeout=30).json()["data"]
+        models = httpx.get(f"{host}/v1/models", headers=headers, timeout=30).json()["data"]
         entries = [(m["id"], m.get("kind", "lora")) for m in models if m.get("kind") != "base" and m["id"] != base]
     for name, kind in entries:
         by_kind.setdefault(kind, []).append(name)

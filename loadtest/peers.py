@@ -39,6 +39,10 @@ log = logging.getLogger("peft_peer")
 BASE_ADAPTER = "__base__"
 
 
+class BatchFailed(RuntimeError):
+    """The ``generate`` call of a request's batch raised; the request fails with this."""
+
+
 @dataclass
 class Job:
     """One request waiting for (or in) a batch; its tokens go to ``events`` on the server's loop."""
@@ -115,7 +119,7 @@ class PeftBatcher:
                 for job in jobs:
                     if not job.finished:
                         job.finished = True
-                        job.emit(exc)
+                        job.emit(BatchFailed(f"{type(exc).__name__}: {exc}"))
 
     def _run(self, jobs: list[Job]) -> None:
         width = max(len(j.prompt_ids) for j in jobs)
@@ -202,7 +206,7 @@ def create_app(batcher: PeftBatcher, model_name: str, adapters: set[str]):
             emitted = 0
             while True:
                 item = await job.events.get()
-                if isinstance(item, Exception):
+                if isinstance(item, BatchFailed):
                     raise item
                 final = item is None
                 text = tokenizer.decode(job.tokens, skip_special_tokens=True)
@@ -219,7 +223,7 @@ def create_app(batcher: PeftBatcher, model_name: str, adapters: set[str]):
         if not body.get("stream"):
             try:
                 text = "".join([delta async for delta, _ in texts()])
-            except Exception as exc:
+            except BatchFailed as exc:
                 return error(500, f"generation failed: {exc}")
             return {"id": response_id, "object": "text_completion", "created": created, "model": model,
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
@@ -237,7 +241,7 @@ def create_app(batcher: PeftBatcher, model_name: str, adapters: set[str]):
                 if usage_wanted:
                     yield sse({"id": response_id, "object": "text_completion", "created": created, "model": model,
                                "choices": [], "usage": usage()})
-            except Exception as exc:
+            except BatchFailed as exc:
                 yield sse({"error": {"message": f"generation failed: {exc}", "type": "server_error", "code": 500}})
             yield b"data: [DONE]\n\n"
 

@@ -50,7 +50,8 @@ def _by_count(ax, series: dict[str, list[dict]], key: str, title: str, ylabel: s
     ax.grid(True, alpha=0.3)
 
 
-def plot_all(rows: list[dict], out_dir: Path, *, peer_skew: float, skews: list[float], subtitle: str = "") -> list[Path]:
+def plot_all(rows: list[dict], out_dir: Path, *, peer_skew: float, skews: list[float],
+             subtitle: str = "") -> list[Path]:
     """Write the plots for ``rows`` (the harness's result rows) into ``out_dir``; returns their paths."""
     import matplotlib
 

@@ -53,7 +53,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
-    def start(self) -> "ServerProcess":
+    def start(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log.info("starting %s on port %d (log: %s)", self.name, self.port, self.log_path)
         with open(self.log_path, "ab") as out:
@@ -98,7 +98,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 log.warning("%s did not exit after %s; escalating", self.name, sig.name)
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self):
         try:
             return self.start()
         except BaseException:

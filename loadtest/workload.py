@@ -19,7 +19,7 @@ from itertools import accumulate
 
 KINDS = ("lora", "ia3", "prefix")
 
-WORDS = ("the a of to and in is it you that he was for on are with as his they be at one have this from or "
+_WORD_TEXT = ("the a of to and in is it you that he was for on are with as his they be at one have this from or "
          "had by word but what some we can out other were all there when up use your how said an each she "
          "which do their time if will way about many then them write would like so these her long make thing "
          "see him two has look more day could go come did number sound no most people my over know water than "
@@ -28,7 +28,8 @@ WORDS = ("the a of to and in is it you that he was for on are with as his they b
          "sentence great think say help low line differ turn cause much mean before move right boy old too "
          "same tell does set three want air well also play small end put home read hand port large spell add "
          "even land here must big high such follow act why ask men change went light kind off need house "
-         "picture try us again animal point mother world near build self earth father").split()
+         "picture try us again animal point mother world near build self earth father")
+WORDS = tuple(_WORD_TEXT.split())
 
 
 def adapter_name(kind: str, index: int) -> str:
