@@ -234,7 +234,8 @@ class AdapterPool:
                 if not bool(layer.lora_b[slot, :, :r].any()):
                     continue
                 delta = layer.lora_b[slot, :, :r] @ layer.lora_a[slot, :r]      # [O, I]
-                layer.merged = _dense_linear(layer.base_weight() + delta, layer.base_bias(), self.device)
+                layer.merged = _dense_linear(layer.base_weight() + delta, layer.base_bias(), self.device,
+                                             getattr(layer.base, "batch_hint", 16))
             self.merged_slot = slot
         else:
             for layer in self.layers.values():
@@ -255,7 +256,8 @@ class AdapterPool:
             self.metrics.adapter_slots_in_use.set(self.table.in_use)
 
 
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device) -> nn.Module:
+def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
+                  batch_hint: int) -> nn.Module:
     """A compute-dtype linear holding a merged weight (never re-quantized)."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
     with torch.no_grad():
@@ -264,5 +266,5 @@ def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch
             linear.bias.copy_(bias)
     linear.requires_grad_(False)
     if packing_available(device, weight.dtype):
-        return PackedLinear(linear, batch_hint=16)
+        return PackedLinear(linear, batch_hint=batch_hint)  # packed like the base it stands in for
     return linear

@@ -117,8 +117,7 @@ def _cast_unquantized(model: Transformer, dtype: torch.dtype, device: torch.devi
     """Cast the float parameters bitsandbytes did not take over (embeddings, norms, lm_head, biases)."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
-            if param.dtype in (torch.float32, torch.bfloat16, torch.float16) and not hasattr(param, "quant_state") \
-                    and type(param).__name__ not in ("Params4bit", "Int8Params"):
+            if type(param) is torch.nn.Parameter and param.is_floating_point():  # not Params4bit / Int8Params
                 setattr(module, name, torch.nn.Parameter(param.data.to(device=device, dtype=dtype), requires_grad=False))
     model.tie_weights()
 
