@@ -3,14 +3,17 @@
 On the ~100M Llama of bench_engine (hidden 768, 12 layers, vocab 32000):
 - every row a distinct LoRA (r=16 on q,k,v,o), IA3 (k, v, down) or prefix (16
   virtual tokens) adapter, vs base-only rows at the same batch;
-- our engine vs PEFT's mixed-batch `generate(adapter_names=...)` on the same LoRAs;
 - one hot LoRA adapter, merged into the base, vs base-only;
+- our engine vs PEFT's mixed-batch `generate(adapter_names=...)` on the same LoRAs;
 - cold load latency of one adapter from disk into a device slot (p50, p99).
 
 Throughput is generated tokens per second, prefill included, with adapters already
-resident (a warm-up pass loads them), best of `--repeats`.
+resident. This machine's speed drifts by 10% or more between runs a minute apart,
+so the variants are interleaved: each round times base, LoRA, IA3, prefix and
+merged back to back on one engine (order rotated per round), and a variant's ratio
+is the median over rounds of (base time / variant time) within the round.
 
-    python -m loadtest.bench_adapters [--batches 16 32] [--dtype bfloat16]
+    python -m loadtest.bench_adapters [--batches 16 32] [--dtype bfloat16] [--rounds 5]
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from tests.peft_adapters import make_ia3, make_lora, make_prefix, perturbed_copi
 
 log = logging.getLogger("bench_adapters")
 PROMPT_LEN = 16
+KINDS = ("lora", "ia3", "prefix")
 
 
 def make_adapters(base: Path, root: Path, count: int) -> dict[str, list[Path]]:
@@ -48,31 +52,71 @@ def make_adapters(base: Path, root: Path, count: int) -> dict[str, list[Path]]:
     return {kind: perturbed_copies(path, root / "copies", count, seed=i) for i, (kind, path) in enumerate(kinds.items())}
 
 
-def engine_throughput(loaded, store: AdapterStore, batch: int, adapters: list[str | None], new_tokens: int,
-                      repeats: int, merge: bool = False, threshold: float = 0.5) -> float:
-    config = EngineConfig(max_batch=batch, max_seq_len=PROMPT_LEN + 16 + new_tokens + 1, max_adapter_slots=batch,
-                          max_lora_rank=16, merge_threshold=threshold if merge else 2.0, unmerge_threshold=0.01,
-                          merge_patience=1, merge_min_batch=1)
-    engine = Engine(loaded, config, store=store)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+class TimedEngine:
+    """One engine holding every adapter of the benchmark in its slots; times whole batches.
 
-    def run() -> float:
-        requests = [engine.make_request(p, params, adapter=a) for p, a in zip(prompts(batch), adapters)]
+    Its merge policy merges an adapter holding at least `merge_threshold` of the rows
+    (above 1: never) after one step and unmerges it at the first step where it holds
+    none; `unmerge()` forces that step outside the clock.
+    """
+
+    def __init__(self, loaded, store: AdapterStore, batch: int, slots: int, new_tokens: int,
+                 merge_threshold: float = 0.5):
+        config = EngineConfig(max_batch=batch, max_seq_len=PROMPT_LEN + 16 + new_tokens + 1, max_adapter_slots=slots,
+                              max_lora_rank=16, merge_threshold=merge_threshold, unmerge_threshold=min(
+                                  0.01, merge_threshold), merge_patience=1, merge_min_batch=1)
+        self.engine = Engine(loaded, config, store=store)
+        self.batch, self.new_tokens = batch, new_tokens
+
+    def seconds(self, adapters: list[str | None]) -> float:
+        params = SamplingParams(max_tokens=self.new_tokens, temperature=0.0, ignore_eos=True)
+        requests = [self.engine.make_request(p, params, adapter=a) for p, a in zip(prompts(self.batch), adapters)]
         start = time.perf_counter()
-        engine.generate(requests)
+        self.engine.generate(requests)
         elapsed = time.perf_counter() - start
-        assert all(len(r.output_token_ids) == new_tokens for r in requests)
+        assert all(len(r.output_token_ids) == self.new_tokens for r in requests)
         return elapsed
 
-    run()  # warm-up: loads every adapter into its slot
-    if merge:
-        run()  # with every adapter resident all rows start together: the hot adapter merges and stays merged
-        assert engine.adapters.merged_slot, "the hot adapter should be merged by now"
-    return batch * new_tokens / min(run() for _ in range(repeats))
+    @property
+    def merged(self) -> bool:
+        return bool(self.engine.adapters.merged_slot)
+
+    def unmerge(self) -> None:
+        """A few tokens of base-only rows: the first decode step that leaves them running unmerges."""
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        self.engine.generate([self.engine.make_request(p, params) for p in prompts(self.batch)])
+        assert not self.merged
+
+
+def interleaved(timed: TimedEngine, variants: dict[str, list[str | None]], rounds: int,
+                merged: str | None = None) -> dict[str, list[float]]:
+    """Seconds per variant per round. Every variant runs once untimed first (loading its adapters);
+    the `merged` variant also runs once untimed before each timed run, so its merge is in place
+    when the clock starts."""
+    for adapters in variants.values():
+        timed.seconds(adapters)
+    names = list(variants)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            if name == merged:
+                timed.seconds(variants[name])
+                assert timed.merged, "the hot adapter should be merged by now"
+            times[name].append(timed.seconds(variants[name]))
+            if name == merged:
+                assert timed.merged, "the hot adapter stayed merged while timed"
+                timed.unmerge()
+    return times
+
+
+def ratio_to(times: dict[str, list[float]], name: str, baseline: str = "base") -> float:
+    """Median over rounds of baseline time / variant time (> 1: the variant is faster)."""
+    return statistics.median(b / v for b, v in zip(times[baseline], times[name]))
 
 
 def peft_throughput(base: Path, lora_paths: list[Path], dtype: torch.dtype, batch: int, new_tokens: int,
                     repeats: int) -> float:
+    """PEFT's mixed-batch generate, one distinct LoRA per row; median tok/s over `repeats` after a warm-up."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -83,16 +127,16 @@ def peft_throughput(base: Path, lora_paths: list[Path], dtype: torch.dtype, batc
         peft.load_adapter(path, adapter_name=name)
     peft.eval()
     ids = torch.tensor(prompts(batch))
-    best = float("inf")
+    seconds = []
     with torch.inference_mode():
         for i in range(repeats + 1):
             start = time.perf_counter()
             out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
             if i:  # the first pass is a warm-up
-                best = min(best, time.perf_counter() - start)
+                seconds.append(time.perf_counter() - start)
     assert out.shape[1] == PROMPT_LEN + new_tokens
-    return batch * new_tokens / best
+    return batch * new_tokens / statistics.median(seconds)
 
 
 def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[float, float]:
@@ -112,16 +156,18 @@ def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[fl
 
 
 def merge_sweep(loaded, store: AdapterStore, batch: int, lora_names: list[str], args) -> list[dict]:
-    """Throughput with k of `batch` rows on one hot LoRA (the rest distinct LoRAs), unmerged vs merged."""
+    """Throughput with k of `batch` rows on one hot LoRA (the rest distinct LoRAs), merged vs unmerged."""
     rows = []
     for hot_rows in sorted({batch // 4, batch // 2, (3 * batch) // 4, (7 * batch) // 8, batch}):
-        adapters = [lora_names[0]] * hot_rows + lora_names[1:1 + batch - hot_rows]
         share = hot_rows / batch
-        plain = engine_throughput(loaded, store, batch, adapters, args.new_tokens, args.repeats)
-        merged = engine_throughput(loaded, store, batch, adapters, args.new_tokens, args.repeats, merge=True,
-                                   threshold=share)
-        rows.append({"hot_share": share, "unmerged_tok_s": round(plain, 1), "merged_tok_s": round(merged, 1),
-                     "merged_vs_unmerged": round(merged / plain, 3)})
+        adapters = [lora_names[0]] * hot_rows + lora_names[1:1 + batch - hot_rows]
+        plain = TimedEngine(loaded, store, batch, batch, args.new_tokens, merge_threshold=2.0)  # never merges
+        unmerged = statistics.median(interleaved(plain, {"unmerged": adapters}, args.rounds)["unmerged"])
+        merging = TimedEngine(loaded, store, batch, batch, args.new_tokens, merge_threshold=share)
+        merged = statistics.median(interleaved(merging, {"merged": adapters}, args.rounds, merged="merged")["merged"])
+        rows.append({"hot_share": share, "unmerged_tok_s": round(batch * args.new_tokens / unmerged, 1),
+                     "merged_tok_s": round(batch * args.new_tokens / merged, 1),
+                     "merged_vs_unmerged": round(unmerged / merged, 3)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -131,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per batch size (medians)")
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT peer (slow)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--merge-sweep", action="store_true",
@@ -144,11 +190,11 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     results: dict = {"dtype": args.dtype, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
-                     "rows": []}
+                     "rounds": args.rounds, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base = make_model_dir(root / "model")
-        paths = make_adapters(base, root / "adapters", max(args.batches))
+        paths = make_adapters(base, root / "adapters", max(args.batches) + 1)
         store = AdapterStore(root / "store")
         names: dict[str, list[str]] = {}
         for kind, kind_paths in paths.items():
@@ -157,16 +203,17 @@ def main(argv: list[str] | None = None) -> None:
                 store.add(name, path)
         loaded = load_model(base, dtype=dtype, batch_hint=max(args.batches))
         for batch in args.batches:
-            base_tps = engine_throughput(loaded, store, batch, [None] * batch, args.new_tokens, args.repeats)
-            row = {"batch": batch, "base_tok_s": round(base_tps, 1)}
-            for kind in ("lora", "ia3", "prefix"):
-                tps = engine_throughput(loaded, store, batch, names[kind][:batch], args.new_tokens, args.repeats)
-                row[f"{kind}_tok_s"], row[f"{kind}_vs_base"] = round(tps, 1), round(tps / base_tps, 3)
-            merged = engine_throughput(loaded, store, batch, [names["lora"][0]] * batch, args.new_tokens,
-                                       args.repeats, merge=True)
-            row["merged_tok_s"], row["merged_vs_base"] = round(merged, 1), round(merged / base_tps, 3)
+            hot = names["lora"][batch]  # not among the LoRA variant's adapters, so that variant never merges it
+            variants = {"base": [None] * batch, **{kind: names[kind][:batch] for kind in KINDS}, "merged": [hot] * batch}
+            timed = TimedEngine(loaded, store, batch, slots=3 * batch + 1, new_tokens=args.new_tokens)
+            times = interleaved(timed, variants, args.rounds, merged="merged")
+            row = {"batch": batch}
+            for name in variants:
+                row[f"{name}_tok_s"] = round(batch * args.new_tokens / statistics.median(times[name]), 1)
+                if name != "base":
+                    row[f"{name}_vs_base"] = round(ratio_to(times, name), 3)
             if not args.skip_peft:
-                peft = peft_throughput(base, paths["lora"], dtype, batch, args.new_tokens, args.repeats)
+                peft = peft_throughput(base, paths["lora"], dtype, batch, args.new_tokens, args.rounds)
                 row["peft_lora_tok_s"], row["ours_vs_peft"] = round(peft, 1), round(row["lora_tok_s"] / peft, 2)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
@@ -180,7 +227,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _table(results: dict) -> str:
-    lines = [f"dtype={results['dtype']} new_tokens={results['new_tokens']} threads={results['threads']}",
+    header = (f"dtype={results['dtype']} new_tokens={results['new_tokens']} threads={results['threads']} "
+              f"rounds={results['rounds']} (ratios: median over rounds)")
+    lines = [header,
              "| batch | base tok/s | LoRA/base | IA3/base | prefix/base | merged/base | ours/PEFT |",
              "|---|---|---|---|---|---|---|"]
     for r in results["rows"]:

@@ -40,6 +40,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", e.max_seq_len))
     p.add_argument("--max-waiting", type=int, default=_env("max_waiting", e.max_waiting),
                    help="queue bound; beyond it requests get 429 with Retry-After")
+    p.add_argument("--max-prefill-tokens", type=int, default=_env("max_prefill_tokens", e.max_prefill_tokens),
+                   help="prompts admitted together are prefilled in one forward up to this many padded tokens")
     p.add_argument("--seed", type=int, default=_env("seed", e.seed))
     p.add_argument("--adapter-dir", default=_env("adapter_dir", e.adapter_dir),
                    help="the adapter store (default: <cache dir>/adapters)")
@@ -85,12 +87,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
     _add_engine_flags(p, e)
     _add_server_flags(p, s)
     a = p.parse_args(argv)
-    if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1:
-        p.error("--max-batch, --max-seq-len and --max-waiting must be positive")
+    if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1 or a.max_prefill_tokens < 1:
+        p.error("--max-batch, --max-seq-len, --max-waiting and --max-prefill-tokens must be positive")
     if a.max_upload_bytes < 1 or a.max_adapter_slots < 1 or a.max_lora_rank < 1:
         p.error("--max-upload-bytes, --max-adapter-slots and --max-lora-rank must be positive")
     engine = EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
                           max_batch=a.max_batch, max_seq_len=a.max_seq_len, max_waiting=a.max_waiting, seed=a.seed,
+                          max_prefill_tokens=a.max_prefill_tokens,
                           adapter_dir=a.adapter_dir, max_adapter_slots=a.max_adapter_slots,
                           max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes,
                           merge_threshold=a.merge_threshold, unmerge_threshold=a.unmerge_threshold,

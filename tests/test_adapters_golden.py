@@ -55,7 +55,7 @@ def prefill_logits(engine: Engine, adapter: str | None) -> torch.Tensor:
     if prefix is not None:
         engine.runner.cache.write_prefix(0, *prefix)
     engine.adapters.set_mapping([request])
-    logits = engine.runner.prefill(0, PROMPT, start=request.prefix_len)
+    logits = engine.runner.prefill(0, [PROMPT], [request.prefix_len])[0]
     engine.adapters.release(request)
     return logits
 

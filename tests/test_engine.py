@@ -170,3 +170,36 @@ def test_threaded_engine_streams_and_abort_frees_row(loaded):
         assert threading.current_thread() is threading.main_thread()
     finally:
         engine.shutdown()
+
+
+def test_batched_prefill_matches_one_prompt_at_a_time(loaded):
+    """Prompts of different lengths prefilled in one padded forward give each row its own logits."""
+    engine = make_engine(loaded, max_batch=len(PROMPTS))
+    starts = [0] * len(PROMPTS)
+    batched = engine.runner.prefill(0, PROMPTS, starts)
+    for row, prompt in enumerate(PROMPTS):
+        alone = engine.runner.prefill(row, [prompt], [0])[0]
+        torch.testing.assert_close(batched[row], alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("max_prefill_tokens", [1, 45, 2048])
+def test_admitted_together_equals_solo_whatever_the_prefill_grouping(loaded, max_prefill_tokens):
+    """All prompts arrive at once: however they are split into prefill forwards, each output equals its solo
+    output; a request that ends on its first token (freeing its row mid-admission) does not disturb the others."""
+    lengths = [12, 1, 9, 15, 1]
+    expected = [solo(loaded, p, greedy(n)) for p, n in zip(PROMPTS, lengths)]
+    engine = make_engine(loaded, max_batch=5, max_prefill_tokens=max_prefill_tokens)
+    requests = [Request(p, greedy(n)) for p, n in zip(PROMPTS, lengths)]
+    engine.generate(requests)
+    assert [r.output_token_ids for r in requests] == expected
+    assert engine.num_running == 0
+
+
+def test_prefill_near_the_end_of_the_cache(loaded):
+    """A prompt that fills almost the whole cache row is prefilled beside a short one without overflowing."""
+    long_prompt = list(range(3, 3 + 150))
+    expected = [solo(loaded, p, greedy(n)) for p, n in ((long_prompt, 8), (PROMPTS[0], 8))]
+    engine = make_engine(loaded, max_batch=2)
+    requests = [Request(long_prompt, greedy(8)), Request(PROMPTS[0], greedy(8))]
+    engine.generate(requests)
+    assert [r.output_token_ids for r in requests] == expected

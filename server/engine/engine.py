@@ -29,7 +29,7 @@ from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
 from server.engine.runner import ModelRunner
 from server.engine.sampling import RowSampling, make_generator, sample
-from server.engine.scheduler import Scheduler
+from server.engine.scheduler import Scheduler, plan_prefill
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
@@ -189,14 +189,8 @@ class Engine:
         for request, message in self._load_failures:
             self._finish(self._tracked[request.request_id], "error", error=message)
         self._load_failures.clear()
-        for request in scheduled.admitted:
-            row = self.scheduler.row_of(request)
-            prefix = self.adapters.prefix_for(request)
-            if prefix is not None:
-                self.runner.cache.write_prefix(row, *prefix)
-            self.adapters.set_mapping([request])
-            logits = self.runner.prefill(row, request.prompt_token_ids, start=request.prefix_len)
-            self._accept(self._tracked[request.request_id], logits[None])
+        if scheduled.admitted:
+            self._prefill(scheduled.admitted)
         running = list(self.scheduler.running)
         if running:
             self.adapters.set_mapping(running)
@@ -215,10 +209,29 @@ class Engine:
             self._load_failures.append((request, str(exc)))
             return False
 
-    def _accept(self, tracked: _Tracked, logits: torch.Tensor) -> None:
-        tokens, logprobs = sample(logits, [tracked.sampling])
-        tracked.request.first_token_time = time.monotonic()
-        self._append(tracked, tokens[0], logprobs[0])
+    def _prefill(self, admitted: list[Request]) -> None:
+        """Prefill the requests admitted this step (they hold consecutive rows) in as few forwards as fit."""
+        first_row = self.scheduler.row_of(admitted[0])
+        groups = plan_prefill([len(r.prompt_token_ids) for r in admitted], [r.prefix_len for r in admitted],
+                              self.config.max_prefill_tokens, self.max_seq_len)
+        logits = []
+        for group in groups:
+            requests = [admitted[i] for i in group]
+            for i in group:
+                prefix = self.adapters.prefix_for(admitted[i])
+                if prefix is not None:
+                    self.runner.cache.write_prefix(first_row + i, *prefix)
+            self.adapters.set_mapping(requests)
+            logits.append(self.runner.prefill(first_row + group[0], [r.prompt_token_ids for r in requests],
+                                              [r.prefix_len for r in requests]))
+        # Sampled only after every group ran: a request that finishes on its first token
+        # frees its row, which moves a later row and would break the groups' row ranges.
+        tracked = [self._tracked[r.request_id] for r in admitted]
+        tokens, logprobs = sample(torch.cat(logits), [t.sampling for t in tracked])
+        now = time.monotonic()
+        for t, token, logprob in zip(tracked, tokens, logprobs):
+            t.request.first_token_time = now
+            self._append(t, token, logprob)
 
     def _append(self, tracked: _Tracked, token: int, logprob) -> None:
         request, params = tracked.request, tracked.request.params

@@ -1,8 +1,9 @@
 """The model runner: turns scheduled requests into forward passes over the KV cache.
 
 Two kinds of forward per engine step:
-- prefill: one request's prompt, T tokens, written into its cache row after any
-  prefix K/V already there; logits of the last token only;
+- prefill: the prompts of requests admitted together (right-padded to the longest,
+  T tokens), each written into its cache row after any prefix K/V already there;
+  logits of each prompt's last token only;
 - decode: every running row feeds its newest token (T = 1); rows are packed
   0..B-1 so the cache is read as a view, with a [B, 1, 1, L] mask that stops each
   row at its own length.
@@ -38,18 +39,24 @@ class ModelRunner:
         return mask
 
     @torch.inference_mode()
-    def prefill(self, row: int, token_ids: list[int], start: int, rope_start: int | None = None) -> torch.Tensor:
-        """Feed token_ids into cache row `row` at positions start..; returns last-token logits [V].
+    def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward; returns last-token logits [N, V].
 
-        rope_start: rope position of the first token if it differs from its cache position.
+        Prompt i is written at cache positions starts[i].. (after any prefix K/V already
+        there). Prompts are right-padded to the longest, T: a padding token's K/V lands
+        past its row's length, where that row's own later tokens overwrite it before any
+        query reads it (the mask stops every query at its own position). The caller
+        keeps starts[i] + T within the cache (`plan_prefill`).
         """
-        t = len(token_ids)
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)
-        cache_pos = torch.arange(start, start + t, device=self.device)[None]
-        rope_pos = cache_pos if rope_start is None else cache_pos - start + rope_start
-        step = StepInputs(self.cache, slice(row, row + 1), rope_pos, cache_pos, start + t,
-                          self._mask(cache_pos, start + t))
-        return self.model(ids, step, logits_index=torch.tensor([t - 1], device=self.device))[0]
+        n, t = len(prompts), max(len(p) for p in prompts)
+        ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts], dtype=torch.long, device=self.device)
+        cache_pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None] + torch.arange(
+            t, device=self.device)  # [N, T]
+        kv_len = max(starts) + t
+        step = StepInputs(self.cache, slice(first_row, first_row + n), cache_pos, cache_pos, kv_len,
+                          self._mask(cache_pos, kv_len))
+        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
+        return self.model(ids, step, logits_index=last)
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], cache_positions: list[int], rope_positions: list[int] | None = None
