@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from server.model import lora_ext
-from server.model.adapter_ops import lora_delta, lora_delta_reference, row_scale
+from server.model.adapter_ops import add_lora, lora_delta_reference, row_scale
 
 S, RMAX, I, O = 6, 8, 64, 48
 
@@ -12,9 +12,9 @@ S, RMAX, I, O = 6, 8, 64, 48
 def slots():
     torch.manual_seed(0)
     a = torch.randn(S, RMAX, I)
-    b = torch.randn(S, O, RMAX)
+    b = torch.randn(S, RMAX, O)
     a[0], b[0] = 0, 0                       # slot 0 is the identity
-    a[2, 4:], b[2, :, 4:] = 0, 0            # slot 2 has rank 4, zero-padded
+    a[2, 4:], b[2, 4:] = 0, 0               # slot 2 has rank 4, zero-padded
     return a, b
 
 
@@ -26,28 +26,34 @@ def test_lora_delta_matches_row_by_row(slots, rows, t, use_kernel, monkeypatch):
         monkeypatch.setattr(lora_ext, "kernel", lambda: None)
     elif lora_ext.kernel() is None:
         pytest.skip("no compiler for the CPU kernel here")
-    x = torch.randn(len(rows), t, I)
+    x, y = torch.randn(len(rows), t, I), torch.randn(len(rows), t, O)
     slot_of_row = torch.tensor(rows)
-    expected = lora_delta_reference(x, a, b, slot_of_row)
-    torch.testing.assert_close(lora_delta(x, a, b, slot_of_row, RMAX), expected, atol=1e-4, rtol=1e-5)
+    expected = y + lora_delta_reference(x, a, b, slot_of_row)
+    uniform = rows[0] if len(set(rows)) == 1 else None
+    torch.testing.assert_close(add_lora(y.clone(), x, a, b, slot_of_row, RMAX), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(add_lora(y.clone(), x, a, b, slot_of_row, RMAX, uniform), expected, atol=1e-4,
+                               rtol=1e-5)
 
 
 def test_lora_delta_at_smaller_rank_is_exact_for_lower_rank_slots(slots):
     a, b = slots
-    x = torch.randn(2, 1, I)
+    x, y = torch.randn(2, 1, I), torch.randn(2, 1, O)
     rows = torch.tensor([2, 0])
-    torch.testing.assert_close(lora_delta(x, a, b, rows, 4), lora_delta_reference(x, a, b, rows), atol=1e-4,
-                               rtol=1e-5)
+    torch.testing.assert_close(add_lora(y.clone(), x, a, b, rows, 4), y + lora_delta_reference(x, a, b, rows),
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_kernel_handles_bfloat16(slots):
     if lora_ext.kernel() is None:
         pytest.skip("no compiler for the CPU kernel here")
     a, b = (t.bfloat16() for t in slots)
-    x = torch.randn(4, 1, I).bfloat16()
+    x, y = torch.randn(4, 1, I).bfloat16(), torch.randn(4, 1, O).bfloat16()
     rows = torch.tensor([1, 3, 5, 0])
-    torch.testing.assert_close(lora_delta(x, a, b, rows, RMAX).float(),
-                               lora_delta_reference(x.float(), a.float(), b.float(), rows), atol=0.1, rtol=0.02)
+    out = add_lora(y.clone(), x, a, b, rows, RMAX)
+    assert out.dtype == torch.bfloat16
+    expected = y.float() + lora_delta_reference(x.float(), a.float(), b.float(), rows)
+    torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(out[3], y[3])  # slot 0 rows are untouched
 
 
 def test_row_scale():
@@ -56,3 +62,19 @@ def test_row_scale():
     rows = torch.tensor([0, 4, 4])
     expected = torch.stack([y[n] * scales[s] for n, s in enumerate(rows.tolist())])
     torch.testing.assert_close(row_scale(y, scales, rows), expected)
+
+
+def test_kernel_reads_each_slot_only_to_its_own_rank(slots):
+    """slot_rank bounds each row's rank (garbage past it is never read) and rank 0 skips the row."""
+    if lora_ext.kernel() is None:
+        pytest.skip("no compiler for the CPU kernel here")
+    a, b = (t.clone() for t in slots)
+    a[2, 4:], b[2, 4:] = 1e6, 1e6          # past slot 2's rank 4
+    slot_rank = torch.tensor([0, RMAX, 4, RMAX, 0, RMAX])  # slot 4 holds no LoRA in this layer
+    x, y = torch.randn(4, 1, I), torch.randn(4, 1, O)
+    rows = torch.tensor([2, 1, 4, 2])
+    clean_a, clean_b = a.clone(), b.clone()
+    clean_a[2, 4:], clean_b[2, 4:], clean_a[4], clean_b[4] = 0, 0, 0, 0
+    expected = y + lora_delta_reference(x, clean_a, clean_b, rows)
+    torch.testing.assert_close(add_lora(y.clone(), x, a, b, rows, RMAX, slot_rank=slot_rank), expected, atol=1e-4,
+                               rtol=1e-5)

@@ -159,6 +159,8 @@ class AdapterPool:
         effective = [0 if s == merged else s for s in slots]
         infos = [self.slot_info[s] for s in effective if s]
         m.slot_of_row = torch.tensor(effective, dtype=torch.long, device=self.device)
+        m.slots_present = frozenset(effective)
+        m.uniform_slot = effective[0] if len(m.slots_present) == 1 else None
         m.rank = max((i.rank for i in infos if i.kind == "lora"), default=0)
         m.any_ia3 = any(i.kind == "ia3" for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
@@ -231,9 +233,9 @@ class AdapterPool:
             info = self.slot_info[slot]
             for layer in self.layers.values():
                 r = info.rank
-                if not bool(layer.lora_b[slot, :, :r].any()):
+                if not bool(layer.lora_b[slot, :r].any()):
                     continue
-                delta = layer.lora_b[slot, :, :r] @ layer.lora_a[slot, :r]      # [O, I]
+                delta = layer.lora_b[slot, :r].t() @ layer.lora_a[slot, :r]      # [O, r] @ [r, I] = [O, I]
                 layer.merged = _dense_linear(layer.base_weight() + delta, layer.base_bias(), self.device,
                                              getattr(layer.base, "batch_hint", 16))
             self.merged_slot = slot

@@ -3,8 +3,8 @@
 Every linear of every decoder layer (q, k, v, o, gate, up, down) is wrapped once
 by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
 
-- lora_a [S+1, R, I], lora_b [S+1, O, R]: LoRA factors zero-padded to R =
-  --max-lora-rank, PEFT's scaling folded into B;
+- lora_a [S+1, R, I], lora_b [S+1, R, O]: LoRA factors (B transposed from PEFT's
+  [O, r]) zero-padded to R = --max-lora-rank, PEFT's scaling folded into B;
 - ia3_out [S+1, O]: IA3 output scale (PEFT's non-feed-forward modules: y = (W x + b) * l);
 - ia3_in [S+1, I]: IA3 input scale (feed-forward modules: y = W (x * l) + b).
 
@@ -12,7 +12,7 @@ A shared `BatchMapping` says which slot each row uses; it is set once per forwar
 and read by all layers. Slots that a kind does not use stay at identity (zeros for
 LoRA, ones for IA3), so one formula serves every row:
 
-    y = base(x * ia3_in[s]) * ia3_out[s] + lora_b[s] @ lora_a[s] @ x
+    y = base(x * ia3_in[s]) * ia3_out[s] + (x @ lora_a[s].T) @ lora_b[s]
 
 (PEFT never puts LoRA and IA3 in one adapter, so the order of terms only matters
 per kind, and matches PEFT for each.)
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.model.adapter_ops import lora_delta, row_scale
+from server.model.adapter_ops import add_lora, row_scale
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -37,12 +37,15 @@ TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 class BatchMapping:
     """Per-forward adapter routing shared by every AdapterLinear.
 
-    slot_of_row [N]: each row's slot. rank: the largest LoRA rank among the rows'
-    slots (compute is sliced to it). Flags let layers skip work no row needs.
+    slot_of_row [N]: each row's slot; slots_present: the distinct ones; uniform_slot:
+    the slot when every row has the same one, else None. rank: the largest LoRA rank among the rows' slots (compute
+    is sliced to it). Flags let layers skip work no row needs.
     merged_correction [K] long: rows that must subtract the merged adapter's delta.
     """
 
     slot_of_row: torch.Tensor | None = None
+    slots_present: frozenset[int] = frozenset()
+    uniform_slot: int | None = None
     rank: int = 0
     any_ia3: bool = False
     merged_slot: int = 0
@@ -62,26 +65,33 @@ class AdapterLinear(nn.Module):
         self.merged: nn.Module | None = None
         slots = num_slots + 1
         self.register_buffer("lora_a", torch.zeros(slots, max_rank, in_features, dtype=dtype, device=device))
-        self.register_buffer("lora_b", torch.zeros(slots, out_features, max_rank, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(slots, max_rank, out_features, dtype=dtype, device=device))
         self.register_buffer("ia3_out", torch.ones(slots, out_features, dtype=dtype, device=device))
         self.register_buffer("ia3_in", torch.ones(slots, in_features, dtype=dtype, device=device))
+        # What each slot holds in this layer, so a forward skips work no row of the batch needs here
+        # (an adapter on q and v only costs nothing in o or the MLP).
+        self.register_buffer("lora_rank", torch.zeros(slots, dtype=torch.long, device=device))
+        self.lora_ranks = [0] * slots
+        self.ia3_in_slots: set[int] = set()
+        self.ia3_out_slots: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
         m = self.mapping
         base = self.merged or self.base
         if not m.active:
             return base(x)
-        slots = m.slot_of_row
-        x_in = row_scale(x, self.ia3_in, slots) if m.any_ia3 else x
+        slots, present = m.slot_of_row, m.slots_present
+        x_in = row_scale(x, self.ia3_in, slots) if m.any_ia3 and not self.ia3_in_slots.isdisjoint(present) else x
         y = base(x_in)
         if m.merged_correction is not None and self.merged is not None:  # other rows: undo the merged delta (inside IA3)
             rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
-            correction = (x_in.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :, :r].t()
+            correction = (x_in.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r]
             y = y.index_add(0, rows, correction, alpha=-1)
-        if m.any_ia3:
+        if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):
             y = row_scale(y, self.ia3_out, slots)
-        if m.rank:
-            y = y + lora_delta(x, self.lora_a, self.lora_b, slots, m.rank)
+        rank = max(self.lora_ranks[s] for s in present) if m.rank else 0
+        if rank:
+            y = add_lora(y, x, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
         return y
 
     def base_weight(self) -> torch.Tensor:
@@ -135,6 +145,10 @@ def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
         layer.lora_b[slot].zero_()
         layer.ia3_out[slot].fill_(1.0)
         layer.ia3_in[slot].fill_(1.0)
+        layer.lora_rank[slot] = 0
+        layer.lora_ranks[slot] = 0
+        layer.ia3_in_slots.discard(slot)
+        layer.ia3_out_slots.discard(slot)
 
 
 def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter) -> None:
@@ -146,8 +160,12 @@ def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter)
         if r > layer.lora_a.shape[1]:
             raise ValueError(f"adapter {adapter.name} has rank {r}, above the slots' maximum {layer.lora_a.shape[1]}")
         layer.lora_a[slot, :r] = weights.a.to(layer.lora_a.dtype)
-        layer.lora_b[slot, :, :r] = (weights.b * weights.scaling).to(layer.lora_b.dtype)
+        layer.lora_b[slot, :r] = (weights.b * weights.scaling).t().to(layer.lora_b.dtype)
+        layer.lora_rank[slot] = r
+        layer.lora_ranks[slot] = r
     for (i, module), vector in adapter.ia3.items():
         layer = layers[(i, module)]
-        target = layer.ia3_in if module in adapter.ia3_feedforward else layer.ia3_out
+        feedforward = module in adapter.ia3_feedforward
+        target = layer.ia3_in if feedforward else layer.ia3_out
         target[slot] = vector.to(target.dtype)
+        (layer.ia3_in_slots if feedforward else layer.ia3_out_slots).add(slot)

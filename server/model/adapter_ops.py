@@ -5,6 +5,8 @@ I in_features, O out_features.
 
 All ops take `slot_of_row` [N] (long) and slot tensors stacked over slots, and
 return exactly what applying each row's own adapter separately would give.
+LoRA factors are stored as vLLM's "shrink" and "expand" matrices: A [S, R, I] and
+B [S, R, O], so both products read their factor rows contiguously.
 """
 from __future__ import annotations
 
@@ -13,37 +15,45 @@ import torch
 from server.model import lora_ext
 
 
-def lora_delta(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_of_row: torch.Tensor,
-               rank: int) -> torch.Tensor:
-    """Per-row LoRA update: out[n] = (x[n] @ A[s, :rank].T) @ B[s, :, :rank].T with s = slot_of_row[n].
+def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_of_row: torch.Tensor,
+             rank: int, uniform_slot: int | None = None, slot_rank: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row LoRA update: y[n] + (x[n] @ A[s, :rank].T) @ B[s, :rank] with s = slot_of_row[n].
 
-    x [N, T, I], lora_a [S, Rmax, I], lora_b [S, O, Rmax] (scaling folded into B, ranks
-    zero-padded, so computing only the first `rank` columns is exact when rank is the
-    largest among the rows) -> [N, T, O]. Rows of slot 0 get zeros.
+    y [N, T, O] (the base output; may be updated in place and returned), x [N, T, I],
+    lora_a [S, Rmax, I], lora_b [S, Rmax, O] (scaling folded into B, ranks zero-padded,
+    so computing only the first `rank` rows is exact when rank is the largest among the
+    rows' slots). Rows of slot 0 are left as they are. `uniform_slot`: the one slot
+    every row uses, when the caller knows it. `slot_rank` [S] (optional): each slot's
+    own rank, so the kernel reads no padding (0 = no LoRA: the row is skipped).
 
     Paths, chosen by measurement on CPU:
-    - every row on one slot (prefill, a one-adapter batch): two plain matmuls;
+    - every row on one slot (prefill of one request, a one-adapter batch): two plain matmuls;
     - decode (T = 1) on CPU with the compiled kernel: each row reads its factors
-      straight from the slot tensors, rows in parallel, no gathered copies;
+      straight from the slot tensors, rows in parallel, no gathered copies, the delta
+      accumulated into y in fp32;
     - otherwise: gather each row's factors, then two batched matmuls.
     """
-    if slot_of_row.numel() == 1 or bool((slot_of_row == slot_of_row[0]).all()):
-        s = int(slot_of_row[0])
-        return (x @ lora_a[s, :rank].t()) @ lora_b[s, :, :rank].t()
+    if uniform_slot is not None or slot_of_row.numel() == 1:
+        s = int(slot_of_row[0]) if uniform_slot is None else uniform_slot
+        return y + (x @ lora_a[s, :rank].t()) @ lora_b[s, :rank] if s else y
     if x.device.type == "cpu" and x.shape[1] == 1:
         kernel = lora_ext.kernel()
         if kernel is not None:
-            return kernel.lora_delta_rows(x[:, 0].contiguous(), lora_a, lora_b, slot_of_row, rank).to(x.dtype)[:, None]
+            y = y.contiguous()
+            if slot_rank is None:
+                slot_rank = torch.full((lora_a.shape[0],), rank, dtype=torch.long)
+            kernel.add_lora_rows_(y.view(y.shape[0], -1), x.reshape(x.shape[0], -1).contiguous(), lora_a, lora_b,
+                                  slot_of_row, slot_rank, rank)
+            return y
     a = lora_a[:, :rank].index_select(0, slot_of_row)          # [N, R, I]
-    b = lora_b[:, :, :rank].index_select(0, slot_of_row)       # [N, O, R]
-    shrunk = torch.bmm(x, a.transpose(1, 2))         # [N, T, R]
-    return torch.bmm(shrunk, b.transpose(1, 2))      # [N, T, O]
+    b = lora_b[:, :rank].index_select(0, slot_of_row)          # [N, R, O]
+    return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)  # [N, T, R] @ [N, R, O]
 
 
 def lora_delta_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                          slot_of_row: torch.Tensor) -> torch.Tensor:
-    """The semantics of lora_delta, one row at a time, full padded rank (for tests)."""
-    return torch.stack([(x[n] @ lora_a[s].t()) @ lora_b[s].t() for n, s in enumerate(slot_of_row.tolist())])
+    """The delta add_lora adds, one row at a time, full padded rank (for tests)."""
+    return torch.stack([(x[n] @ lora_a[s].t()) @ lora_b[s] for n, s in enumerate(slot_of_row.tolist())])
 
 
 def row_scale(y: torch.Tensor, scales: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ _state: dict = {}
 
 
 def kernel():
-    """The compiled module (with `lora_delta_rows`), or None if it cannot be built here."""
+    """The compiled module (with `add_lora_rows_`), or None if it cannot be built here."""
     if "module" in _state:
         return _state["module"]
     with _lock:
