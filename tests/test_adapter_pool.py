@@ -64,6 +64,7 @@ def store(base, tmp_path_factory):
     for i, path in enumerate(perturbed_copies(prefix, root / "copies", 3, seed=3)):
         store.add(f"prefix-{i}", path)
     store.add("hot", lora)
+    store.add("hot-ia3", ia3)
     return store
 
 
@@ -80,7 +81,7 @@ def test_twenty_adapters_through_three_slots_sixty_concurrent_requests(loaded, s
     engine = Engine(loaded, EngineConfig(max_batch=6, max_seq_len=64, max_adapter_slots=3, merge_threshold=2.0),
                     store=store)
     engine.metrics = metrics = RecordingMetrics()
-    names = [r.name for r in store.list() if r.name != "hot"]
+    names = [r.name for r in store.list() if not r.name.startswith("hot")]
     assert len(names) == 20
     engine.start()
     try:
@@ -129,13 +130,13 @@ def test_unknown_adapter_is_refused(loaded, store):
         engine.make_request([1, 2], greedy(1), adapter="nope")
 
 
-def run_mix(loaded, store, merge: bool, quantization="none"):
+def run_mix(loaded, store, merge: bool, hot: str = "hot"):
     config = EngineConfig(max_batch=8, max_seq_len=64, max_adapter_slots=4,
                           merge_threshold=0.6 if merge else 2.0, unmerge_threshold=0.3, merge_patience=1,
                           merge_min_batch=2)
     engine = Engine(loaded, config, store=store)
     engine.metrics = metrics = RecordingMetrics()
-    names = ["hot"] * 5 + ["lora-1", "ia3-0", None]
+    names = [hot] * 5 + ["lora-1", "ia3-0", None]
     lengths = [6] * 5 + [20, 20, 20]  # the hot rows finish first: the adapter cools and is unmerged
     requests = [engine.make_request([5 + i, 72, 101, 108, 108], greedy(n), adapter=name)
                 for i, (name, n) in enumerate(zip(names, lengths))]
@@ -143,19 +144,23 @@ def run_mix(loaded, store, merge: bool, quantization="none"):
     return [r.output_token_ids for r in requests], metrics
 
 
-def test_merged_and_unmerged_outputs_are_identical(loaded, store):
-    unmerged, quiet = run_mix(loaded, store, merge=False)
-    merged, metrics = run_mix(loaded, store, merge=True)
+@pytest.mark.parametrize("hot", ["hot", "hot-ia3"])
+def test_merged_and_unmerged_outputs_are_identical(loaded, store, hot):
+    """A hot LoRA or IA3 adapter merged and unmerged mid-run: every row (hot, other LoRA, other IA3, base)
+    generates what it generates with no merge at all."""
+    unmerged, quiet = run_mix(loaded, store, merge=False, hot=hot)
+    merged, metrics = run_mix(loaded, store, merge=True, hot=hot)
     assert quiet.counts["merge_events:action=merge"] == 0
     assert metrics.counts["merge_events:action=merge"] == 1
     assert metrics.counts["merge_events:action=unmerge"] == 1
     assert merged == unmerged
 
 
-def test_merge_over_nf4_base_keeps_outputs(base, store):
+@pytest.mark.parametrize("hot", ["hot", "hot-ia3"])
+def test_merge_over_nf4_base_keeps_outputs(base, store, hot):
     loaded = load_model(base, dtype=torch.float32, quantization="nf4")
-    unmerged, _ = run_mix(loaded, store, merge=False)
-    merged, metrics = run_mix(loaded, store, merge=True)
+    unmerged, _ = run_mix(loaded, store, merge=False, hot=hot)
+    merged, metrics = run_mix(loaded, store, merge=True, hot=hot)
     assert metrics.counts["merge_events:action=merge"] == 1
     assert merged == unmerged
     # unmerged again: the quantized modules are back

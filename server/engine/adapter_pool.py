@@ -33,6 +33,7 @@ from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
 from server.model.packed_linear import PackedLinear, packing_available
 
 log = logging.getLogger(__name__)
+MERGEABLE = ("lora", "ia3")  # kinds whose delta folds into the weights (prefix K/V does not)
 
 
 class AdapterLoadFailed(RuntimeError):
@@ -165,6 +166,7 @@ class AdapterPool:
         m.any_ia3 = any(i.kind == "ia3" for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
         m.merged_slot, m.merged_rank = merged, self.slot_info[merged].rank if merged else 0
+        m.merged_kind = self.slot_info[merged].kind if merged else ""
         m.merged_correction = torch.tensor(others, dtype=torch.long, device=self.device) if others else None
         m.active = True
 
@@ -175,7 +177,7 @@ class AdapterPool:
         """Feed the merge policy with this step's rows; performs a merge or unmerge it decides."""
         if self.merge_policy is None:
             return None
-        mergeable = [self.slot_info[r.slot].key if r.slot and self.slot_info[r.slot].kind == "lora" else None
+        mergeable = [self.slot_info[r.slot].key if r.slot and self.slot_info[r.slot].kind in MERGEABLE else None
                      for r in rows]
         decision = self.merge_policy.observe(mergeable)
         if decision is not None:
@@ -230,14 +232,10 @@ class AdapterPool:
             if slot is None:
                 return
             self.table.pin(decision.key)
-            info = self.slot_info[slot]
             for layer in self.layers.values():
-                r = info.rank
-                if not bool(layer.lora_b[slot, :r].any()):
-                    continue
-                delta = layer.lora_b[slot, :r].t() @ layer.lora_a[slot, :r]      # [O, r] @ [r, I] = [O, I]
-                layer.merged = _dense_linear(layer.base_weight() + delta, layer.base_bias(), self.device,
-                                             getattr(layer.base, "batch_hint", 16))
+                folded = layer.folded(slot)
+                if folded is not None:
+                    layer.merged = _dense_linear(*folded, self.device, getattr(layer.base, "batch_hint", 16))
             self.merged_slot = slot
         else:
             for layer in self.layers.values():

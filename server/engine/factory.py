@@ -13,6 +13,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.model import lora_ext
 from server.model.builtin import ensure_builtin_model
 from server.model.loader import load_model, parse_dtype
 from server.model.quant import QUANTIZATIONS
@@ -53,6 +54,8 @@ def build_engine(config: EngineConfig) -> Engine:
     config = resolve(config)
     loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
                         device=config.device, batch_hint=config.max_batch)
+    if config.device == "cpu":
+        lora_ext.kernel()  # compile (or load the cached build) now, not inside the first mixed-adapter step
     engine = Engine(loaded, config, device=config.device)
     log.info("engine ready: device %s, max_batch %d, max_seq_len %d, KV cache %.1f MiB", config.device,
              config.max_batch, engine.max_seq_len, engine.runner.cache.nbytes / 2**20)

@@ -40,7 +40,8 @@ class BatchMapping:
     slot_of_row [N]: each row's slot; slots_present: the distinct ones; uniform_slot:
     the slot when every row has the same one, else None. rank: the largest LoRA rank among the rows' slots (compute
     is sliced to it). Flags let layers skip work no row needs.
-    merged_correction [K] long: rows that must subtract the merged adapter's delta.
+    merged_correction [K] long: rows that must not see the merged adapter (its LoRA
+    delta is subtracted; under a merged IA3 they get the base's own product).
     """
 
     slot_of_row: torch.Tensor | None = None
@@ -49,6 +50,7 @@ class BatchMapping:
     rank: int = 0
     any_ia3: bool = False
     merged_slot: int = 0
+    merged_kind: str = ""
     merged_rank: int = 0
     merged_correction: torch.Tensor | None = None
     active: bool = False
@@ -83,10 +85,13 @@ class AdapterLinear(nn.Module):
         slots, present = m.slot_of_row, m.slots_present
         x_in = row_scale(x, self.ia3_in, slots) if m.any_ia3 and not self.ia3_in_slots.isdisjoint(present) else x
         y = base(x_in)
-        if m.merged_correction is not None and self.merged is not None:  # other rows: undo the merged delta (inside IA3)
+        if m.merged_correction is not None and self.merged is not None:  # other rows: undo the merge
             rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
-            correction = (x_in.index_select(0, rows) @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r]
-            y = y.index_add(0, rows, correction, alpha=-1)
+            others = x_in.index_select(0, rows)
+            if m.merged_kind == "lora":  # low rank: subtract the delta (inside any IA3 of those rows)
+                y = y.index_add(0, rows, (others @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r], alpha=-1)
+            else:  # IA3 scales the whole product: recompute those rows with the base
+                y = y.index_copy(0, rows, self.base(others).to(y.dtype))
         if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):
             y = row_scale(y, self.ia3_out, slots)
         rank = max(self.lora_ranks[s] for s in present) if m.rank else 0
@@ -107,6 +112,27 @@ class AdapterLinear(nn.Module):
     def base_bias(self) -> torch.Tensor | None:
         bias = getattr(self.base, "bias", None)
         return None if bias is None else bias.detach().to(self.lora_a.dtype)
+
+    def folded(self, slot: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Weight [O, I] and bias [O] with the slot's adapter folded in, in compute dtype, or None
+        if the slot changes nothing in this layer.
+
+        LoRA: W + B^T A. IA3 (PEFT's order): out-scaling y = (W x + b) * l gives l W and l b;
+        in-scaling y = W (x * l) + b gives W diag(l).
+        """
+        rank = self.lora_ranks[slot]
+        scales_in, scales_out = slot in self.ia3_in_slots, slot in self.ia3_out_slots
+        if not (rank or scales_in or scales_out):
+            return None
+        weight, bias = self.base_weight(), self.base_bias()
+        if rank:
+            weight = weight + self.lora_b[slot, :rank].t() @ self.lora_a[slot, :rank]  # [O, r] @ [r, I]
+        if scales_in:
+            weight = weight * self.ia3_in[slot][None, :]
+        if scales_out:
+            weight = weight * self.ia3_out[slot][:, None]
+            bias = None if bias is None else bias * self.ia3_out[slot]
+        return weight, bias
 
 
 def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:
