@@ -49,15 +49,16 @@ def make_adapters(base: Path, root: Path, count: int) -> dict[str, list[Path]]:
         "ia3": make_ia3(base, root / "ia3", seed=2),
         "prefix": make_prefix(base, root / "prefix", seed=3, num_virtual_tokens=16),
     }
-    return {kind: perturbed_copies(path, root / "copies", count, seed=i) for i, (kind, path) in enumerate(kinds.items())}
+    return {kind: perturbed_copies(path, root / "copies", count, seed=i)
+            for i, (kind, path) in enumerate(kinds.items())}
 
 
 class TimedEngine:
     """One engine holding every adapter of the benchmark in its slots; times whole batches.
 
-    Its merge policy merges an adapter holding at least `merge_threshold` of the rows
-    (above 1: never) after one step and unmerges it at the first step where it holds
-    none; `unmerge()` forces that step outside the clock.
+    Only runs with `merge=True` consult its merge policy, which merges an adapter
+    holding at least `merge_threshold` of the rows after one step and unmerges it at
+    the first step where it holds none; `unmerge()` forces that step outside the clock.
     """
 
     def __init__(self, loaded, store: AdapterStore, batch: int, slots: int, new_tokens: int,
@@ -66,14 +67,19 @@ class TimedEngine:
                               max_lora_rank=16, merge_threshold=merge_threshold, unmerge_threshold=min(
                                   0.01, merge_threshold), merge_patience=1, merge_min_batch=1)
         self.engine = Engine(loaded, config, store=store)
-        self.batch, self.new_tokens = batch, new_tokens
+        self.batch, self.new_tokens, self.merge_threshold = batch, new_tokens, merge_threshold
 
-    def seconds(self, adapters: list[str | None]) -> float:
+    def seconds(self, adapters: list[str | None], merge: bool = False) -> float:
         params = SamplingParams(max_tokens=self.new_tokens, temperature=0.0, ignore_eos=True)
         requests = [self.engine.make_request(p, params, adapter=a) for p, a in zip(prompts(self.batch), adapters)]
-        start = time.perf_counter()
-        self.engine.generate(requests)
-        elapsed = time.perf_counter() - start
+        pool = self.engine.adapters
+        policy, pool.merge_policy = pool.merge_policy, pool.merge_policy if merge else None
+        try:
+            start = time.perf_counter()
+            self.engine.generate(requests)
+            elapsed = time.perf_counter() - start
+        finally:
+            pool.merge_policy = policy
         assert all(len(r.output_token_ids) == self.new_tokens for r in requests)
         return elapsed
 
@@ -84,15 +90,20 @@ class TimedEngine:
     def unmerge(self) -> None:
         """A few tokens of base-only rows: the first decode step that leaves them running unmerges."""
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-        self.engine.generate([self.engine.make_request(p, params) for p in prompts(self.batch)])
+        pool = self.engine.adapters
+        pool.merge_policy.merge_threshold = 2.0  # so that nothing merges again on the way
+        try:
+            self.engine.generate([self.engine.make_request(p, params) for p in prompts(self.batch)])
+        finally:
+            pool.merge_policy.merge_threshold = self.merge_threshold
         assert not self.merged
 
 
 def interleaved(timed: TimedEngine, variants: dict[str, list[str | None]], rounds: int,
                 merged: str | None = None) -> dict[str, list[float]]:
-    """Seconds per variant per round. Every variant runs once untimed first (loading its adapters);
-    the `merged` variant also runs once untimed before each timed run, so its merge is in place
-    when the clock starts."""
+    """Seconds per variant per round. Every variant runs once untimed first (loading its adapters).
+    Only the `merged` variant may merge: it also runs once untimed before each timed run, so its
+    merge is in place when the clock starts, and is unmerged after."""
     for adapters in variants.values():
         timed.seconds(adapters)
     names = list(variants)
@@ -100,9 +111,9 @@ def interleaved(timed: TimedEngine, variants: dict[str, list[str | None]], round
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if name == merged:
-                timed.seconds(variants[name])
+                timed.seconds(variants[name], merge=True)
                 assert timed.merged, "the hot adapter should be merged by now"
-            times[name].append(timed.seconds(variants[name]))
+            times[name].append(timed.seconds(variants[name], merge=name == merged))
             if name == merged:
                 assert timed.merged, "the hot adapter stayed merged while timed"
                 timed.unmerge()
@@ -156,18 +167,18 @@ def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[fl
 
 
 def merge_sweep(loaded, store: AdapterStore, batch: int, lora_names: list[str], args) -> list[dict]:
-    """Throughput with k of `batch` rows on one hot LoRA (the rest distinct LoRAs), merged vs unmerged."""
+    """Throughput with k of `batch` rows on one hot LoRA (the rest distinct LoRAs), merged vs unmerged,
+    interleaved on one engine."""
     rows = []
     for hot_rows in sorted({batch // 4, batch // 2, (3 * batch) // 4, (7 * batch) // 8, batch}):
         share = hot_rows / batch
         adapters = [lora_names[0]] * hot_rows + lora_names[1:1 + batch - hot_rows]
-        plain = TimedEngine(loaded, store, batch, batch, args.new_tokens, merge_threshold=2.0)  # never merges
-        unmerged = statistics.median(interleaved(plain, {"unmerged": adapters}, args.rounds)["unmerged"])
-        merging = TimedEngine(loaded, store, batch, batch, args.new_tokens, merge_threshold=share)
-        merged = statistics.median(interleaved(merging, {"merged": adapters}, args.rounds, merged="merged")["merged"])
-        rows.append({"hot_share": share, "unmerged_tok_s": round(batch * args.new_tokens / unmerged, 1),
-                     "merged_tok_s": round(batch * args.new_tokens / merged, 1),
-                     "merged_vs_unmerged": round(unmerged / merged, 3)})
+        timed = TimedEngine(loaded, store, batch, batch, args.new_tokens, merge_threshold=share)
+        times = interleaved(timed, {"unmerged": adapters, "merged": adapters}, args.rounds, merged="merged")
+        rows.append({"hot_share": share,
+                     "unmerged_tok_s": round(batch * args.new_tokens / statistics.median(times["unmerged"]), 1),
+                     "merged_tok_s": round(batch * args.new_tokens / statistics.median(times["merged"]), 1),
+                     "merged_vs_unmerged": round(ratio_to(times, "merged", baseline="unmerged"), 3)})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -181,8 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-peft", action="store_true", help="leave out the PEFT peer (slow)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--merge-sweep", action="store_true",
-                        help="also measure merged vs unmerged throughput as the hot adapter's share of rows varies "
-                             "(how the default --merge-threshold was chosen)")
+                        help="also measure merged vs unmerged throughput at the first batch size as the hot "
+                             "adapter's share of rows varies (how the default --merge-threshold was chosen)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -203,11 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                 store.add(name, path)
         loaded = load_model(base, dtype=dtype, batch_hint=max(args.batches))
         for batch in args.batches:
-            hot = names["lora"][batch]  # not among the LoRA variant's adapters, so that variant never merges it
-            variants = {"base": [None] * batch, **{kind: names[kind][:batch] for kind in KINDS}, "merged": [hot] * batch}
+            hot = names["lora"][batch]  # an adapter of its own: the LoRA rows never share a slot with the merged one
+            variants = {"base": [None] * batch, **{kind: names[kind][:batch] for kind in KINDS},
+                        "merged": [hot] * batch}
             timed = TimedEngine(loaded, store, batch, slots=3 * batch + 1, new_tokens=args.new_tokens)
             times = interleaved(timed, variants, args.rounds, merged="merged")
-            row = {"batch": batch}
+            row = {"batch": batch, "seconds_per_round": {name: [round(t, 3) for t in ts] for name, ts in times.items()}}
             for name in variants:
                 row[f"{name}_tok_s"] = round(batch * args.new_tokens / statistics.median(times[name]), 1)
                 if name != "base":
@@ -218,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         if args.merge_sweep:
-            results["merge_sweep"] = merge_sweep(loaded, store, max(args.batches), names["lora"], args)
+            results["merge_sweep"] = merge_sweep(loaded, store, args.batches[0], names["lora"], args)
         p50, p99 = cold_load_latency(loaded, paths["lora"], dtype)
         results["cold_load_ms"] = {"p50": round(p50 * 1e3, 2), "p99": round(p99 * 1e3, 2)}
     print(_table(results))
