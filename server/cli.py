@@ -41,7 +41,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--max-waiting", type=int, default=_env("max_waiting", e.max_waiting),
                    help="queue bound; beyond it requests get 429 with Retry-After")
     p.add_argument("--max-prefill-tokens", type=int, default=_env("max_prefill_tokens", e.max_prefill_tokens),
-                   help="prompts admitted together are prefilled in one forward up to this many padded tokens")
+                   help="padded prompt tokens admitted and prefilled per engine step (bounds the decode stall; "
+                        "a longer prompt runs alone)")
     p.add_argument("--seed", type=int, default=_env("seed", e.seed))
     p.add_argument("--adapter-dir", default=_env("adapter_dir", e.adapter_dir),
                    help="the adapter store (default: <cache dir>/adapters)")

@@ -13,7 +13,7 @@ class EngineConfig:
     max_batch: int = 16               # KV-cache rows = requests decoded together
     max_seq_len: int = 1024           # KV-cache length per row (prompt + prefix + output)
     max_waiting: int = 256            # queue bound; beyond it requests are refused (429)
-    max_prefill_tokens: int = 2048    # padded prompt tokens per prefill forward (a longer prompt runs alone)
+    max_prefill_tokens: int = 2048    # padded prompt tokens prefilled per engine step (a longer prompt runs alone)
     seed: int = 0                     # seeds the per-request generators of unseeded requests
     adapter_dir: str | None = None    # the adapter store; None = <cache dir>/adapters
     max_adapter_slots: int = 8        # device slots: distinct adapters resident at once (slot 0, the identity, extra)

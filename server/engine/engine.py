@@ -3,8 +3,9 @@
 Callers (the HTTP layer, tests, benchmarks) submit requests and receive
 RequestOutput updates through a callback; `RequestStream` adapts that to an
 asyncio iterator so the event loop never waits on a forward pass. Each engine
-step admits waiting requests into free rows (prefilling their prompts), then
-decodes one token for every running row, then retires finished rows.
+step admits waiting requests into free rows and prefills their prompts together
+(at most --max-prefill-tokens padded tokens per step), then decodes one token for
+every running row, then retires finished rows.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ class Engine:
         self.eos_token_ids = _eos_ids(loaded)
         self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
         self.adapters = _make_pool(loaded, config, torch.device(device), store)
-        self.scheduler = Scheduler(config.max_batch, config.max_waiting, self._can_admit)
+        self.scheduler = Scheduler(config.max_batch, config.max_waiting, self._can_admit, config.max_prefill_tokens)
         self._load_failures: list[tuple[Request, str]] = []
         self._metrics = None
         self._tracked: dict[str, _Tracked] = {}

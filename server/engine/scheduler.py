@@ -6,6 +6,11 @@ the runner can copy that row's cache (`RowMove`). Waiting requests are admitted
 in arrival order whenever a row is free and `can_admit` agrees (the adapter pool
 uses it to hold a request until its adapter has a device slot); a request that
 cannot be admitted yet does not block the ones behind it.
+
+Prompts admitted in one step are prefilled before that step's decode, so their
+padded size (rows x longest prompt) is bounded by `prefill_budget`: once the next
+request would exceed it, admission stops for this step (in order, so a long prompt
+is never overtaken for good); the first request of a step is always admitted.
 """
 from __future__ import annotations
 
@@ -30,11 +35,13 @@ class ScheduledStep:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, max_waiting: int, can_admit: Callable[[Request], bool] | None = None):
+    def __init__(self, max_batch: int, max_waiting: int, can_admit: Callable[[Request], bool] | None = None,
+                 prefill_budget: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.prefill_budget = prefill_budget
         self.can_admit = can_admit or (lambda request: True)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -56,15 +63,22 @@ class Scheduler:
         free = self.max_batch - len(self.running)
         if free and self.waiting:
             kept: deque[Request] = deque()
+            longest, budget_spent = 0, False
             while self.waiting:
                 request = self.waiting.popleft()
-                if free and self.can_admit(request):
-                    request.status = Status.RUNNING
-                    self.running.append(request)
-                    step.admitted.append(request)
-                    free -= 1
-                else:
-                    kept.append(request)
+                if free and not budget_spent:
+                    length = max(longest, len(request.prompt_token_ids))
+                    if (step.admitted and self.prefill_budget is not None
+                            and (len(step.admitted) + 1) * length > self.prefill_budget):
+                        budget_spent = True
+                    elif self.can_admit(request):
+                        request.status = Status.RUNNING
+                        self.running.append(request)
+                        step.admitted.append(request)
+                        free -= 1
+                        longest = length
+                        continue
+                kept.append(request)
             self.waiting = kept
         step.running = list(self.running)
         return step
