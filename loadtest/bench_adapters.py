@@ -29,13 +29,13 @@ import torch
 
 from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
+from loadtest.adapters_gen import AdapterFactory
 from loadtest.bench_engine import make_model_dir, prompts
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
 from server.model.adapter_layers import write_slot
 from server.model.loader import load_model, parse_dtype
-from tests.peft_adapters import make_ia3, make_lora, make_prefix, perturbed_copies
 
 log = logging.getLogger("bench_adapters")
 PROMPT_LEN = 16
@@ -43,14 +43,10 @@ KINDS = ("lora", "ia3", "prefix")
 
 
 def make_adapters(base: Path, root: Path, count: int) -> dict[str, list[Path]]:
-    """`count` distinct adapters of each kind, in PEFT's format (one made by PEFT, the rest perturbed copies)."""
-    kinds = {
-        "lora": make_lora(base, root / "lora", seed=1, r=16),
-        "ia3": make_ia3(base, root / "ia3", seed=2),
-        "prefix": make_prefix(base, root / "prefix", seed=3, num_virtual_tokens=16),
-    }
-    return {kind: perturbed_copies(path, root / "copies", count, seed=i)
-            for i, (kind, path) in enumerate(kinds.items())}
+    """`count` distinct adapters of each kind in PEFT's format (a PEFT-made template per kind, redrawn weights):
+    LoRA r=16 on q,k,v,o; IA3 on k, v, down (feed-forward); prefix tuning with 16 virtual tokens."""
+    factory = AdapterFactory(base, root, rank=16, prefix_tokens=16, seed=1)
+    return {kind: [factory.get(kind, i).path for i in range(count)] for kind in KINDS}
 
 
 class TimedEngine:
