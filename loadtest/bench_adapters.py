@@ -9,9 +9,9 @@ On the ~100M Llama of bench_engine (hidden 768, 12 layers, vocab 32000):
 
 Throughput is generated tokens per second, prefill included, with adapters already
 resident. This machine's speed drifts by 10% or more between runs a minute apart,
-so the variants are interleaved: each round times base, LoRA, IA3, prefix and
-merged back to back on one engine (order rotated per round), and a variant's ratio
-is the median over rounds of (base time / variant time) within the round.
+so the variants are interleaved: each round times base, LoRA, IA3, prefix, merged
+(back to back on one engine) and the PEFT peer, in an order rotated per round, and a
+ratio is the median over rounds of (baseline time / variant time) within the round.
 
     python -m loadtest.bench_adapters [--batches 16 32] [--dtype bfloat16] [--rounds 5]
 """
@@ -23,6 +23,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,17 +96,22 @@ class TimedEngine:
         assert not self.merged
 
 
-def interleaved(timed: TimedEngine, variants: dict[str, list[str | None]], rounds: int,
-                merged: str | None = None) -> dict[str, list[float]]:
+def interleaved(timed: TimedEngine, variants: dict[str, list[str | None]], rounds: int, merged: str | None = None,
+                peers: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
     """Seconds per variant per round. Every variant runs once untimed first (loading its adapters).
     Only the `merged` variant may merge: it also runs once untimed before each timed run, so its
-    merge is in place when the clock starts, and is unmerged after."""
+    merge is in place when the clock starts, and is unmerged after. `peers` (name -> a function
+    that times one run of another system) take their turns in the same rounds."""
+    peers = peers or {}
     for adapters in variants.values():
         timed.seconds(adapters)
-    names = list(variants)
+    names = list(variants) + list(peers)
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            if name in peers:
+                times[name].append(peers[name]())
+                continue
             if name == merged:
                 timed.seconds(variants[name], merge=True)
                 assert timed.merged, "the hot adapter should be merged by now"
@@ -121,29 +127,32 @@ def ratio_to(times: dict[str, list[float]], name: str, baseline: str = "base") -
     return statistics.median(b / v for b, v in zip(times[baseline], times[name]))
 
 
-def peft_throughput(base: Path, lora_paths: list[Path], dtype: torch.dtype, batch: int, new_tokens: int,
-                    repeats: int) -> float:
-    """PEFT's mixed-batch generate, one distinct LoRA per row; median tok/s over `repeats` after a warm-up."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+class PeftPeer:
+    """PEFT's mixed-batch generate with one distinct LoRA per row, on HF transformers; `seconds()` times one run."""
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
-    names = [f"a{i}" for i in range(batch)]
-    peft = PeftModel.from_pretrained(model, lora_paths[0], adapter_name=names[0])
-    for name, path in zip(names[1:], lora_paths[1:batch]):
-        peft.load_adapter(path, adapter_name=name)
-    peft.eval()
-    ids = torch.tensor(prompts(batch))
-    seconds = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):
+    def __init__(self, base: Path, lora_paths: list[Path], dtype: torch.dtype, batch: int, new_tokens: int):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+        self.names = [f"a{i}" for i in range(batch)]
+        self.peft = PeftModel.from_pretrained(model, lora_paths[0], adapter_name=self.names[0])
+        for name, path in zip(self.names[1:], lora_paths[1:batch]):
+            self.peft.load_adapter(path, adapter_name=name)
+        self.peft.eval()
+        self.ids = torch.tensor(prompts(batch))
+        self.new_tokens = new_tokens
+        self.seconds()  # warm-up
+
+    def seconds(self) -> float:
+        with torch.inference_mode():
             start = time.perf_counter()
-            out = peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter_names=names,
-                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            if i:  # the first pass is a warm-up
-                seconds.append(time.perf_counter() - start)
-    assert out.shape[1] == PROMPT_LEN + new_tokens
-    return batch * new_tokens / statistics.median(seconds)
+            out = self.peft.generate(input_ids=self.ids, attention_mask=torch.ones_like(self.ids),
+                                     adapter_names=self.names, max_new_tokens=self.new_tokens,
+                                     min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0)
+            elapsed = time.perf_counter() - start
+        assert out.shape[1] == PROMPT_LEN + self.new_tokens
+        return elapsed
 
 
 def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[float, float]:
@@ -214,15 +223,17 @@ def main(argv: list[str] | None = None) -> None:
             variants = {"base": [None] * batch, **{kind: names[kind][:batch] for kind in KINDS},
                         "merged": [hot] * batch}
             timed = TimedEngine(loaded, store, batch, slots=3 * batch + 1, new_tokens=args.new_tokens)
-            times = interleaved(timed, variants, args.rounds, merged="merged")
+            peers = {} if args.skip_peft else {
+                "peft": PeftPeer(base, paths["lora"][:batch], dtype, batch, args.new_tokens).seconds}
+            times = interleaved(timed, variants, args.rounds, merged="merged", peers=peers)
             row = {"batch": batch, "seconds_per_round": {name: [round(t, 3) for t in ts] for name, ts in times.items()}}
             for name in variants:
                 row[f"{name}_tok_s"] = round(batch * args.new_tokens / statistics.median(times[name]), 1)
                 if name != "base":
                     row[f"{name}_vs_base"] = round(ratio_to(times, name), 3)
-            if not args.skip_peft:
-                peft = peft_throughput(base, paths["lora"], dtype, batch, args.new_tokens, args.rounds)
-                row["peft_lora_tok_s"], row["ours_vs_peft"] = round(peft, 1), round(row["lora_tok_s"] / peft, 2)
+            if peers:  # our LoRA rows vs PEFT's, per round
+                row["peft_lora_tok_s"] = round(batch * args.new_tokens / statistics.median(times["peft"]), 1)
+                row["ours_vs_peft"] = round(ratio_to(times, "lora", baseline="peft"), 2)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
         if args.merge_sweep:
