@@ -162,7 +162,7 @@ class AdapterPool:
         m.slot_of_row = torch.tensor(effective, dtype=torch.long, device=self.device)
         m.slots_present = frozenset(effective)
         m.uniform_slot = effective[0] if len(m.slots_present) == 1 else None
-        m.rank = max((i.rank for i in infos if i.kind == "lora"), default=0)
+        m.any_lora = any(i.kind == "lora" for i in infos)
         m.any_ia3 = any(i.kind == "ia3" for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
         m.merged_slot, m.merged_rank = merged, self.slot_info[merged].rank if merged else 0

@@ -214,7 +214,7 @@ class Engine:
         """Prefill the requests admitted this step (they hold consecutive rows) in as few forwards as fit."""
         first_row = self.scheduler.row_of(admitted[0])
         groups = plan_prefill([len(r.prompt_token_ids) for r in admitted], [r.prefix_len for r in admitted],
-                              self.config.max_prefill_tokens, self.max_seq_len)
+                              self.max_seq_len)
         logits = []
         for group in groups:
             requests = [admitted[i] for i in group]

@@ -98,21 +98,19 @@ class Scheduler:
         return [RowMove(src=last, dst=row, length=moved.num_tokens)]
 
 
-def plan_prefill(lengths: list[int], starts: list[int], token_budget: int, max_seq_len: int) -> list[range]:
-    """Split requests admitted in one step into batched prefill forwards.
+def plan_prefill(lengths: list[int], starts: list[int], max_seq_len: int) -> list[range]:
+    """Split the prompts admitted in one step (already within the prefill budget) into forwards.
 
     Request i feeds lengths[i] prompt tokens after starts[i] cached positions (a
     prefix adapter's K/V). A forward pads every prompt to its longest, so a group
-    grows while its padded size (rows x longest) stays within `token_budget` and
-    every row's padded end stays inside the cache. A request that alone exceeds the
-    budget gets a forward of its own. Returns consecutive index ranges covering all.
+    grows while every row's padded end stays inside the cache. Returns consecutive
+    index ranges covering all.
     """
     groups: list[range] = []
     first, longest, furthest_start = 0, 0, 0
     for i, (length, start) in enumerate(zip(lengths, starts)):
         grown_longest, grown_start = max(longest, length), max(furthest_start, start)
-        fits = (i - first + 1) * grown_longest <= token_budget and grown_start + grown_longest <= max_seq_len
-        if i > first and not fits:
+        if i > first and grown_start + grown_longest > max_seq_len:
             groups.append(range(first, i))
             first, grown_longest, grown_start = i, length, start
         longest, furthest_start = grown_longest, grown_start

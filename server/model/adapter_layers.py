@@ -38,8 +38,8 @@ class BatchMapping:
     """Per-forward adapter routing shared by every AdapterLinear.
 
     slot_of_row [N]: each row's slot; slots_present: the distinct ones; uniform_slot:
-    the slot when every row has the same one, else None. rank: the largest LoRA rank among the rows' slots (compute
-    is sliced to it). Flags let layers skip work no row needs.
+    the slot when every row has the same one, else None. Flags let layers skip work no
+    row needs (each layer slices LoRA compute to the largest rank its present slots hold).
     merged_correction [K] long: rows that must not see the merged adapter (its LoRA
     delta is subtracted; under a merged IA3 they get the base's own product).
     """
@@ -47,7 +47,7 @@ class BatchMapping:
     slot_of_row: torch.Tensor | None = None
     slots_present: frozenset[int] = frozenset()
     uniform_slot: int | None = None
-    rank: int = 0
+    any_lora: bool = False
     any_ia3: bool = False
     merged_slot: int = 0
     merged_kind: str = ""
@@ -71,7 +71,8 @@ class AdapterLinear(nn.Module):
         self.register_buffer("ia3_out", torch.ones(slots, out_features, dtype=dtype, device=device))
         self.register_buffer("ia3_in", torch.ones(slots, in_features, dtype=dtype, device=device))
         # What each slot holds in this layer, so a forward skips work no row of the batch needs here
-        # (an adapter on q and v only costs nothing in o or the MLP).
+        # (an adapter on q and v only costs nothing in o or the MLP). Ranks are kept twice: a tensor
+        # the CPU kernel reads, and a list Python reads without touching the device.
         self.register_buffer("lora_rank", torch.zeros(slots, dtype=torch.long, device=device))
         self.lora_ranks = [0] * slots
         self.ia3_in_slots: set[int] = set()
@@ -94,7 +95,7 @@ class AdapterLinear(nn.Module):
                 y = y.index_copy(0, rows, self.base(others).to(y.dtype))
         if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):
             y = row_scale(y, self.ia3_out, slots)
-        rank = max(self.lora_ranks[s] for s in present) if m.rank else 0
+        rank = max(self.lora_ranks[s] for s in present) if m.any_lora else 0
         if rank:
             y = add_lora(y, x, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
         return y
