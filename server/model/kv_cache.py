@@ -28,16 +28,20 @@ class KVCache:
 
     def write_and_read(self, layer: int, rows: slice, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new k, v [B, Hkv, T, D] at cache_pos [B, T]; return views [B, Hkv, L, D] of rows[:kv_len]."""
-        k_rows, v_rows = self.k[layer, rows], self.v[layer, rows]  # [B, Hkv, S, D] views
-        b, hkv, t, d = k.shape
-        if t == 1:
-            index = cache_pos.view(b, 1, 1, 1).expand(b, hkv, 1, d)
-        else:
-            index = cache_pos[:, None, :, None].expand(b, hkv, t, d)
-        k_rows.scatter_(2, index, k.to(k_rows.dtype))
-        v_rows.scatter_(2, index, v.to(v_rows.dtype))
-        return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+        """Store new k, v [B, Hkv, T, D] at cache_pos [B, T]; return views [B, Hkv, L, D] of rows[:kv_len].
+
+        The write is one indexed assignment (index_put_) of the B*T new tokens: its cost is
+        O(new tokens), whatever S. `Tensor.scatter_` along dim 2 of the strided [B, Hkv, S, D]
+        row view measured 10 ms at S=56 and 112 ms at S=1024 per call (bf16, B=32) — 93% of a
+        served decode step — against 0.03-0.14 ms for this (bench_engine's KV micro-benchmark).
+        """
+        b, t = cache_pos.shape
+        row_idx = torch.arange(rows.start, rows.start + b, device=cache_pos.device)[:, None].expand(b, t)  # [B, T]
+        k_layer, v_layer = self.k[layer], self.v[layer]  # [rows, Hkv, S, D]
+        # advanced indices on dims 0 and 2 (a slice between): the indexed view is [B, T, Hkv, D]
+        k_layer[row_idx, :, cache_pos] = k.transpose(1, 2).to(k_layer.dtype)
+        v_layer[row_idx, :, cache_pos] = v.transpose(1, 2).to(v_layer.dtype)
+        return k_layer[rows, :, :kv_len], v_layer[rows, :, :kv_len]
 
     def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write prefix K/V [layers, Hkv, P, D] at positions 0..P-1 of a row."""
