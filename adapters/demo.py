@@ -36,8 +36,9 @@ def local_server(work: Path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(work / "server.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(port), "--adapter-dir",
-                                str(work / "adapters")], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "--model", "tiny-llama-builtin", "--port",
+                                str(port), "--adapter-dir", str(work / "adapters")],
+                               stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

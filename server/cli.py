@@ -31,7 +31,8 @@ def _env_list(name: str) -> list[str]:
 
 def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--model", default=_env("model", e.model),
-                   help="local HF checkpoint dir (Llama, Mistral, Qwen2); default: the built-in tiny model")
+                   help="local HF checkpoint dir or FILE.gguf (Llama, Mistral, Qwen2), or tiny-llama-builtin "
+                        "(random weights, fast); default: SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default=_env("dtype", e.dtype), help="auto | float32 | bfloat16 | float16")
     p.add_argument("--quantization", default=_env("quantization", e.quantization),
                    help="auto | nf4 | fp4 | int8 | none (auto: nf4 on CUDA, none on CPU)")

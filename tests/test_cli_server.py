@@ -1,4 +1,6 @@
-"""The first README command's last step: `adapter-server` with no model serves the built-in one."""
+"""The first README command's last step, on the tiny model: `adapter-server --model tiny-llama-builtin` serves it.
+
+(With no --model the server serves the default SmolLM2 model: tests/test_default_model.py.)"""
 import os
 import subprocess
 import sys
@@ -12,7 +14,8 @@ from tests.server_harness import free_port
 def test_adapter_server_starts_on_builtin_model_and_reports_memory(tmp_path):
     port = free_port()
     env = {**os.environ, "ADAPTER_SERVER_CACHE": str(tmp_path)}
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "--port", str(port), "--max-batch", "2"],
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "--model", "tiny-llama-builtin", "--port", str(port),
+                                "--max-batch", "2"],
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120

