@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from server.model.adapter_ops import add_lora, row_scale
+from server.model.quant import dequantized_weight
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -102,13 +103,7 @@ class AdapterLinear(nn.Module):
 
     def base_weight(self) -> torch.Tensor:
         """The base's [O, I] weight in compute dtype, dequantized if the base is bitsandbytes."""
-        weight = self.base.weight
-        if getattr(weight, "quant_state", None) is not None:  # 4-bit
-            import bitsandbytes.functional as bnbf
-            return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(self.lora_a.dtype)
-        if getattr(weight, "SCB", None) is not None:  # int8 rows with per-row absmax
-            return (weight.data.float() * weight.SCB.float()[:, None] / 127.0).to(self.lora_a.dtype)
-        return weight.detach().to(self.lora_a.dtype)
+        return dequantized_weight(self.base, self.lora_a.dtype)
 
     def base_bias(self) -> torch.Tensor | None:
         bias = getattr(self.base, "bias", None)

@@ -3,11 +3,18 @@
 `make install` builds it ahead of time (`python -m server.model.lora_ext`); the
 build is cached under torch's extensions directory. Where no compiler is at hand,
 or ADAPTER_SERVER_NO_EXT=1, `kernel()` returns None and callers use plain torch.
+
+The build uses -march=native, so it is named after the CPU's instruction-set flags:
+a cache directory that moves between CPU kinds (a Docker volume, a shared home; Intel
+AVX512 vs AMD AVX2) gets one build per kind instead of loading code the CPU cannot
+run (SIGILL kills the process; it is not an exception).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -28,13 +35,25 @@ def kernel():
     return _state["module"]
 
 
+def isa_tag() -> str:
+    """A short hash of this CPU's instruction-set flags (/proc/cpuinfo), which -march=native compiles for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next((line.split(":", 1)[-1] for line in lines if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    flags = " ".join(sorted(set(flags.split()))) or platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:12]
+
+
 def _build():
     if os.environ.get("ADAPTER_SERVER_NO_EXT") == "1":
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        return load("adapter_server_lora_cpu", [str(_SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+        return load(f"adapter_server_lora_cpu_{isa_tag()}", [str(_SOURCE)],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: the torch path still serves every request
         log.warning("CPU LoRA kernel unavailable (%s); using the plain torch path", exc)

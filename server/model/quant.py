@@ -4,9 +4,14 @@ Like transformers' bitsandbytes integration, only the linears inside decoder
 layers are quantized; embeddings, norms and lm_head stay in the compute dtype.
 Quantized modules are put in eval mode: bitsandbytes on CPU is 5-25x slower in
 training mode.
+
+`dequantized_weight` is the one place that turns a (possibly quantized) linear back
+into a dense [out, in] matrix (merging adapters needs it); see there for the states
+bitsandbytes moves a weight through after quantization.
 """
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -59,6 +64,44 @@ def quantize_decoder_linears(model: nn.Module, method: str, compute_dtype: torch
                     count += 1
     log.info("quantized %d decoder linears to %s", count, method)
     return count
+
+
+def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] matrix that `module` multiplies by, in `dtype`, at any point of its life.
+
+    `module` is a bitsandbytes Linear4bit (NF4/FP4), a Linear8bitLt, or anything with a plain
+    `.weight` [out, in] (nn.Linear, PackedLinear; the result may then share its memory: do not
+    write into it). bitsandbytes 0.50 changes a quantized weight's state in place at its first
+    eval-mode forward, so the state seen at quantization time is not the one seen later:
+
+    - 4-bit, on CPUs with AVX512-BF16 (bnb's `has_avx512bf16()`): `weight.data` [N*K/2, 1] is
+      repacked into a blocked [N, K/2] layout for its CPU kernel, `quant_state.absmax` [N*K/64]
+      fp32 becomes [K/64, N] bf16, `quant_state.dtype` becomes bf16 and
+      `quant_state.packing_format_for_cpu` becomes True. `dequantize_4bit` does not know that
+      layout (it returns garbage). The layout is undone here on a copy of the state with bnb's own
+      inverse, and absmax is put back in its [N*K/64] order: the result is the weight that the
+      repacked kernel computes with (absmax rounded to bf16, as the kernel reads it). The module
+      is left as it is. On other CPUs (AMD AVX2) nothing is repacked.
+    - int8: at its first forward Linear8bitLt moves the per-row scales `SCB` [N] from the weight
+      to `module.state`; W = int8 rows * SCB / 127.
+    """
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is not None:  # 4-bit
+        import bitsandbytes.functional as bnbf
+
+        data = weight.data
+        if getattr(state, "packing_format_for_cpu", False):
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+            if not state.nested and state.absmax.dim() == 2:  # bnb's inverse leaves it [K/64, N] bf16
+                state.absmax = state.absmax.t().reshape(-1).float()
+        return bnbf.dequantize_4bit(data, state).to(dtype)
+    scales = getattr(weight, "SCB", None)
+    if scales is None and getattr(module, "state", None) is not None and weight.dtype == torch.int8:
+        scales = module.state.SCB  # after the first forward
+    if scales is not None:  # int8 rows with per-row absmax
+        return (weight.data.float() * scales.float()[:, None] / 127.0).to(dtype)
+    return weight.detach().to(dtype)
 
 
 def weight_bytes(model: nn.Module) -> int:
