@@ -218,3 +218,33 @@ def test_a_new_engine_does_not_inherit_a_merge(loaded, store):
     hot.generate([hot.make_request([5, 6, 7], greedy(6), adapter="hot") for _ in range(4)])
     assert hot.adapters.merged_slot  # still merged when this engine goes away
     assert base_tokens() == before
+
+
+@pytest.mark.parametrize("chunk, min_placeholders", [(5, 1), (16, 0)])
+def test_chunked_prefill_equals_unchunked_for_every_kind(loaded, store, chunk, min_placeholders):
+    """Long prompts split into chunks of `chunk` tokens (a 40-token prompt over 3+ chunks) that interleave
+    with decoding rows of base, LoRA, IA3 and prefix requests: every greedy output equals the unchunked one."""
+    jobs = [(None, list(range(30, 70)), 6), ("lora-1", [5, 72, 101, 108], 10), ("ia3-0", list(range(3, 40)), 7),
+            ("prefix-1", [9] * 19, 8), ("lora-2", list(range(100, 141)), 5), (None, [40, 41, 42], 9)]
+
+    def run(max_prefill_tokens):
+        engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=96, max_adapter_slots=4, merge_threshold=2.0,
+                                             max_prefill_tokens=max_prefill_tokens), store=store)
+        requests = [engine.make_request(p, greedy(n), adapter=a) for a, p, n in jobs]
+        for request in requests:
+            engine.submit(request, lambda o: None)
+        engine._drain_inbox()
+        plans, schedule = [], engine.scheduler.schedule
+        engine.scheduler.schedule = lambda: plans.append(schedule()) or plans[-1]
+        while engine.scheduler.has_work():
+            engine.step()
+        cut = sum(any(not c.last for g in p.prefill for c in g) for p in plans)
+        placeholders = sum(p.decode is not None and not all(p.decode.sampled) for p in plans)
+        return [r.output_token_ids for r in requests], cut, placeholders
+
+    expected, cut, _ = run(4096)
+    outputs, chunked, placeholders = run(chunk)
+    assert cut == 0 and chunked >= 3      # prompts really were left half-prefilled between steps
+    assert placeholders >= min_placeholders  # a half-prefilled row sat below a decoding row
+    assert outputs == expected
+    assert all(len(o) == n for o, (_, _, n) in zip(outputs, jobs))

@@ -1,7 +1,7 @@
-"""The scheduler (pure Python): admission, packed rows, the per-step prefill budget, prefill grouping."""
+"""The scheduler (pure Python): admission, chunked prefill under the budget, decode rows, packed rows."""
 import pytest
 
-from server.engine.request import QueueFull, Request, SamplingParams, Status
+from server.engine.request import AdmissionFailed, QueueFull, Request, SamplingParams, Status
 from server.engine.scheduler import RowMove, Scheduler, plan_prefill
 
 
@@ -9,24 +9,73 @@ def requests(*lengths: int) -> list[Request]:
     return [Request(list(range(1, n + 1)), SamplingParams(max_tokens=4)) for n in lengths]
 
 
-def admitted_per_step(scheduler: Scheduler, reqs: list[Request], steps: int) -> list[list[int]]:
-    """Indices of the requests admitted at each step (nothing leaves in between)."""
+def chunks_per_step(scheduler: Scheduler, reqs: list[Request], steps: int) -> list[list[tuple[int, int]]]:
+    """(request index, chunk length) of every prefill chunk at each step (nothing leaves in between)."""
     for r in reqs:
         scheduler.add(r)
-    return [[reqs.index(r) for r in scheduler.schedule().admitted] for _ in range(steps)]
+    return [[(reqs.index(c.request), len(c.token_ids)) for group in scheduler.schedule().prefill for c in group]
+            for _ in range(steps)]
 
 
 @pytest.mark.parametrize("lengths, max_batch, budget, expected", [
-    ((3, 3, 3), 2, None, [[0, 1], [], []]),                 # rows bound admission
-    ((10, 10, 10), 8, 25, [[0, 1], [2], []]),              # 2 x 10 fits 25, 3 x 10 does not
-    ((10, 10, 10), 8, 30, [[0, 1, 2], [], []]),            # exactly the budget
-    ((50, 5), 8, 16, [[0], [1], []]),                      # a prompt over the budget still runs, alone
-    ((5, 50, 5), 8, 20, [[0], [1], [2]]),                  # in order: the short one never jumps the long one
-    ((2, 2, 9), 8, 18, [[0, 1], [2], []]),                 # padding counts: 3 x 9 > 18
+    ((3, 3, 3), 2, None, [[(0, 3), (1, 3)], [], []]),                   # rows bound admission
+    ((10, 10, 10), 8, 25, [[(0, 10), (1, 10)], [(2, 10)], []]),         # 2 x 10 fits 25, 3 x 10 does not
+    ((10, 10, 10), 8, 30, [[(0, 10), (1, 10), (2, 10)], [], []]),       # exactly the budget
+    ((50, 5), 8, 16, [[(0, 16)], [(0, 16)], [(0, 16)], [(0, 2), (1, 5)], []]),  # chunks; the short one joins last
+    ((5, 50, 5), 8, 20, [[(0, 5)], [(1, 20)], [(1, 20)], [(1, 10), (2, 5)]]),  # FIFO: never jumps the long one
+    ((2, 2, 9), 8, 18, [[(0, 2), (1, 2)], [(2, 9)], []]),               # padding counts: 3 x 9 > 18
+    ((7,), 8, 1, [[(0, 1)]] * 7 + [[]]),                                 # one token per step
 ])
-def test_admission_with_rows_and_prefill_budget(lengths, max_batch, budget, expected):
+def test_chunked_prefill_under_the_budget(lengths, max_batch, budget, expected):
     scheduler = Scheduler(max_batch=max_batch, max_waiting=16, prefill_budget=budget)
-    assert admitted_per_step(scheduler, requests(*lengths), len(expected)) == expected
+    assert chunks_per_step(scheduler, requests(*lengths), len(expected)) == expected
+
+
+def test_chunks_are_contiguous_and_flag_first_and_last():
+    scheduler = Scheduler(max_batch=2, max_waiting=4, prefill_budget=4)
+    (request,) = requests(10)
+    request.prefix_len = 3
+    scheduler.add(request)
+    chunks = [c for _ in range(3) for group in scheduler.schedule().prefill for c in group]
+    assert [(c.start, c.token_ids, c.first, c.last) for c in chunks] == [
+        (3, [1, 2, 3, 4], True, False), (7, [5, 6, 7, 8], False, False), (11, [9, 10], False, True)]
+
+
+def test_decode_rows_with_a_prompt_still_in_prefill():
+    """Rows below the last decoding row that are still in prefill get a placeholder the next chunk overwrites."""
+    scheduler = Scheduler(max_batch=4, max_waiting=4, prefill_budget=4)
+    short, long_, other = requests(3, 10, 2)
+    for r in (short, long_):
+        scheduler.add(r)
+    scheduler.schedule()                         # short: whole prompt (3); long: nothing fits beside it
+    short.output_token_ids = [42]
+    plan = scheduler.schedule()                  # long's first chunk beside short's decode
+    assert [(c.request, c.start, len(c.token_ids)) for g in plan.prefill for c in g] == [(long_, 0, 4)]
+    assert plan.decode.requests == [short] and plan.decode.positions == [3] and plan.decode.token_ids == [42]
+    scheduler.running.reverse()                  # long in row 0, short in row 1 (as after a move)
+    short.output_token_ids.append(43)
+    plan = scheduler.schedule()
+    assert plan.decode.requests == [long_, short]
+    assert plan.decode.sampled == [False, True]
+    assert plan.decode.positions == [8, 4]       # long: after this step's chunk (4 + 4); short: its newest token
+    assert [(c.row, c.start) for g in plan.prefill for c in g] == [(0, 4)]
+    scheduler.add(other)
+    assert scheduler.row_of(long_) == 0 and other.status is Status.WAITING
+
+
+def test_a_request_that_can_never_be_admitted_is_reported_failed():
+    def can_admit(request):
+        if request.prompt_token_ids[0] == 9:
+            raise AdmissionFailed("broken adapter")
+        return True
+
+    scheduler = Scheduler(max_batch=4, max_waiting=4, can_admit=can_admit)
+    good, bad = requests(2)[0], Request([9, 9], SamplingParams())
+    scheduler.add(bad)
+    scheduler.add(good)
+    plan = scheduler.schedule()
+    assert plan.failed == [(bad, "broken adapter")] and bad.status is Status.FINISHED
+    assert scheduler.running == [good] and not scheduler.waiting
 
 
 def test_a_request_held_back_by_can_admit_does_not_block_the_rest():
@@ -34,16 +83,17 @@ def test_a_request_held_back_by_can_admit_does_not_block_the_rest():
     scheduler = Scheduler(max_batch=4, max_waiting=16, can_admit=lambda r: r.request_id not in held)
     reqs = requests(3, 3, 3)
     held.add(reqs[0].request_id)
-    assert admitted_per_step(scheduler, reqs, 1) == [[1, 2]]
+    assert chunks_per_step(scheduler, reqs, 1) == [[(1, 3), (2, 3)]]
     assert reqs[0].status is Status.WAITING
     held.clear()
-    assert [reqs.index(r) for r in scheduler.schedule().admitted] == [0]
+    plan = scheduler.schedule()
+    assert [(c.request, c.row) for group in plan.prefill for c in group] == [(reqs[0], 2)]
 
 
 def test_rows_stay_packed_when_a_request_leaves():
     scheduler = Scheduler(max_batch=4, max_waiting=16)
     reqs = requests(3, 4, 5)
-    admitted_per_step(scheduler, reqs, 1)
+    chunks_per_step(scheduler, reqs, 1)
     reqs[2].output_token_ids = [7, 8]
     assert scheduler.remove(reqs[0]) == [RowMove(src=2, dst=0, length=7)]
     assert scheduler.running == [reqs[2], reqs[1]]

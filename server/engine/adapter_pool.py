@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import nn
 from adapters.format import Adapter, BaseSpec, load_adapter
 from adapters.store import AdapterRecord, AdapterStore
 from server.engine.merge_policy import MergeDecision, MergePolicy
-from server.engine.request import Request
+from server.engine.request import AdmissionFailed, Request
 from server.engine.slots import SlotTable
 from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
 from server.model.packed_linear import PackedLinear, packing_available
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 MERGEABLE = ("lora", "ia3")  # kinds whose delta folds into the weights (prefix K/V does not)
 
 
-class AdapterLoadFailed(RuntimeError):
+class AdapterLoadFailed(AdmissionFailed):
     """The adapter's files could not be loaded (the request fails with this message)."""
 
 
@@ -146,6 +147,17 @@ class AdapterPool:
             self.table.release(request.slot)
             request.slot = 0
         self._gauge()
+
+    @contextmanager
+    def mapped(self, rows: list[Request]):
+        """Route one forward: the mapping is set for `rows` on entry and cleared on exit, so no routing
+        outlives the forward it was set for."""
+        self.set_mapping(rows)
+        try:
+            yield
+        finally:
+            self.mapping.active = False
+            self.mapping.slot_of_row = self.mapping.merged_correction = None
 
     def set_mapping(self, rows: list[Request]) -> None:
         """Route the next forward: row i uses rows[i].slot (slot 0 for the merged adapter's rows)."""

@@ -2,10 +2,11 @@
 
 Callers (the HTTP layer, tests, benchmarks) submit requests and receive
 RequestOutput updates through a callback; `RequestStream` adapts that to an
-asyncio iterator so the event loop never waits on a forward pass. Each engine
-step admits waiting requests into free rows and prefills their prompts together
-(at most --max-prefill-tokens padded tokens per step), then decodes one token for
-every running row, then retires finished rows.
+asyncio iterator so the event loop never waits on a forward pass. An engine step
+is three moves: the scheduler plans it as data (prompt chunks of at most
+--max-prefill-tokens padded tokens, decode rows, admission failures), the runner
+executes the plan's forwards and samples, and one postprocess pass appends tokens,
+finishes requests and applies row moves.
 """
 from __future__ import annotations
 
@@ -24,13 +25,13 @@ import torch
 from adapters.format import BaseSpec
 from adapters.store import AdapterStore
 from server.config import EngineConfig
-from server.engine.adapter_pool import AdapterLoadFailed, AdapterPool, version_key
+from server.engine.adapter_pool import AdapterPool, version_key
 from server.engine.merge_policy import MergePolicy
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
-from server.engine.runner import ModelRunner
-from server.engine.sampling import RowSampling, make_generator, sample
-from server.engine.scheduler import Scheduler, plan_prefill
+from server.engine.runner import ModelRunner, SampledToken
+from server.engine.sampling import RowSampling, make_generator
+from server.engine.scheduler import Scheduler, StepPlan
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
@@ -63,8 +64,8 @@ class Engine:
         self.eos_token_ids = _eos_ids(loaded)
         self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
         self.adapters = _make_pool(loaded, config, torch.device(device), store)
-        self.scheduler = Scheduler(config.max_batch, config.max_waiting, self._can_admit, config.max_prefill_tokens)
-        self._load_failures: list[tuple[Request, str]] = []
+        self.scheduler = Scheduler(config.max_batch, config.max_waiting, self.adapters.try_acquire,
+                                   config.max_prefill_tokens, self.max_seq_len)
         self._metrics = None
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -185,54 +186,27 @@ class Engine:
                 self._finish(self._tracked[item], "abort")
 
     def step(self) -> None:
-        """One engine step: prefill admitted requests, decode every running row, retire finished ones."""
-        scheduled = self.scheduler.schedule()
-        for request, message in self._load_failures:
+        """One engine step: plan it, run its forwards, then apply what they produced."""
+        plan = self.scheduler.schedule()
+        sampled = self.runner.run(plan, self.adapters, self._sampling_of)
+        self._postprocess(plan, sampled)
+
+    def _sampling_of(self, request: Request) -> RowSampling:
+        return self._tracked[request.request_id].sampling
+
+    def _postprocess(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
+        """Fail what could not be admitted, append each sampled token (finishing requests and moving rows),
+        then let the merge policy see the step."""
+        for request, message in plan.failed:
             self._finish(self._tracked[request.request_id], "error", error=message)
-        self._load_failures.clear()
-        if scheduled.admitted:
-            self._prefill(scheduled.admitted)
-        running = list(self.scheduler.running)
-        if running:
-            self.adapters.set_mapping(running)
-            logits = self.runner.decode([r.output_token_ids[-1] for r in running],
-                                        [r.num_tokens - 1 for r in running])
-            tokens, logprobs = sample(logits, [self._tracked[r.request_id].sampling for r in running])
-            for request, token, logprob in zip(running, tokens, logprobs):
-                self._append(self._tracked[request.request_id], token, logprob)
+        now = time.monotonic()
+        for s in sampled:
+            if s.request.first_token_time is None:
+                s.request.first_token_time = now
+            self._append(self._tracked[s.request.request_id], s.token_id, s.logprob)
+        if plan.decode is not None:
             self.adapters.observe_step(self.scheduler.running)
         self.steps += 1
-
-    def _can_admit(self, request: Request) -> bool:
-        try:
-            return self.adapters.try_acquire(request)
-        except AdapterLoadFailed as exc:
-            self._load_failures.append((request, str(exc)))
-            return False
-
-    def _prefill(self, admitted: list[Request]) -> None:
-        """Prefill the requests admitted this step (they hold consecutive rows) in as few forwards as fit."""
-        first_row = self.scheduler.row_of(admitted[0])
-        groups = plan_prefill([len(r.prompt_token_ids) for r in admitted], [r.prefix_len for r in admitted],
-                              self.max_seq_len)
-        logits = []
-        for group in groups:
-            requests = [admitted[i] for i in group]
-            for i in group:
-                prefix = self.adapters.prefix_for(admitted[i])
-                if prefix is not None:
-                    self.runner.cache.write_prefix(first_row + i, *prefix)
-            self.adapters.set_mapping(requests)
-            logits.append(self.runner.prefill(first_row + group[0], [r.prompt_token_ids for r in requests],
-                                              [r.prefix_len for r in requests]))
-        # Sampled only after every group ran: a request that finishes on its first token
-        # frees its row, which moves a later row and would break the groups' row ranges.
-        tracked = [self._tracked[r.request_id] for r in admitted]
-        tokens, logprobs = sample(torch.cat(logits), [t.sampling for t in tracked])
-        now = time.monotonic()
-        for t, token, logprob in zip(tracked, tokens, logprobs):
-            t.request.first_token_time = now
-            self._append(t, token, logprob)
 
     def _append(self, tracked: _Tracked, token: int, logprob) -> None:
         request, params = tracked.request, tracked.request.params

@@ -15,10 +15,24 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound (HTTP 429)."""
 
 
+class AdmissionFailed(RuntimeError):
+    """A waiting request can never be admitted (e.g. its adapter cannot be loaded); it fails with this message."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens. temperature 0 means greedy; top_k 0 means off; logprobs None means off,
-    0 means only the chosen token's logprob, k > 0 adds the k most likely alternatives."""
+    0 means only the chosen token's logprob, k > 0 adds the k most likely alternatives.
+
+    Logit adjustments (server.engine.sampling applies them in vLLM's order, to greedy rows too):
+    min_tokens: EOS (unless ignore_eos) and stop_token_ids are impossible until that many tokens
+    were generated; logit_bias: (token id, bias in [-100, 100]) pairs added to the logits;
+    repetition_penalty (HF/vLLM, over prompt and output tokens): a seen token's logit is divided
+    by it when positive, multiplied when not (1 = off); frequency_penalty / presence_penalty
+    (OpenAI, over output tokens only, in [-2, 2]): logit -= frequency * count + presence * (count > 0);
+    min_p: after temperature, tokens whose probability is below min_p * the top probability are
+    dropped (0 = off).
+    """
 
     max_tokens: int | None = 16
     temperature: float = 1.0
@@ -29,8 +43,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 100.0
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -47,6 +68,34 @@ class SamplingParams:
             raise RequestError("stop strings must be non-empty strings")
         if len(self.stop) > 4:
             raise RequestError(f"at most 4 stop strings are allowed, got {len(self.stop)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise RequestError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise RequestError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.min_tokens < 0:
+            raise RequestError(f"min_tokens must be 0 or positive, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise RequestError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}")
+            if not -self.MAX_LOGIT_BIAS <= bias <= self.MAX_LOGIT_BIAS:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {bias} for token {token}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """logit_bias must name tokens of the model's vocabulary (stop_token_ids may name any id)."""
+        for token, _ in self.logit_bias:
+            if token >= vocab_size:
+                raise RequestError(f"logit_bias names token id {token}, outside the vocabulary [0, {vocab_size})")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when a logit adjustment applies (min_tokens, logit_bias or a penalty); else sampling skips them."""
+        return bool(self.min_tokens or self.logit_bias or self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:
@@ -99,8 +148,22 @@ class Request:
     prefix_len: int = 0
     adapter_version: str | None = None  # which stored version of the adapter this request uses
     slot: int = 0                        # device slot while running (0 = no adapter)
+    num_computed: int = 0                # prompt tokens already prefilled (or scheduled in this step's plan)
 
     @property
     def num_tokens(self) -> int:
         """Tokens that occupy the row's KV cache once all are fed (prefix + prompt + output)."""
         return self.prefix_len + len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_token_ids)
+
+    @property
+    def prompt_remaining(self) -> int:
+        return len(self.prompt_token_ids) - self.num_computed
+
+    @property
+    def num_cached(self) -> int:
+        """Cache positions that hold this request's K/V (prefix, prefilled prompt, fed outputs; at most one more)."""
+        return self.prefix_len + self.num_computed + len(self.output_token_ids)

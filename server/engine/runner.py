@@ -1,20 +1,34 @@
-"""The model runner: turns scheduled requests into forward passes over the KV cache.
+"""The model runner: executes a step plan as forward passes over the KV cache, then samples.
 
 Two kinds of forward per engine step:
-- prefill: the prompts of requests admitted together (right-padded to the longest,
-  T tokens), each written into its cache row after any prefix K/V already there;
-  logits of each prompt's last token only;
-- decode: every running row feeds its newest token (T = 1); rows are packed
-  0..B-1 so the cache is read as a view, with a [B, 1, 1, L] mask that stops each
-  row at its own length.
+- prefill: prompt chunks on consecutive rows (right-padded to the longest, T tokens),
+  each written into its cache row after any prefix K/V and earlier chunks already
+  there; logits of each chunk's last token only;
+- decode: rows 0..B-1 feed one token each (T = 1); rows are packed so the cache is
+  read as a view, with a [B, 1, 1, L] mask that stops each row at its own length.
+
+The adapter routing of each forward is set on entry and cleared on exit
+(`AdapterPool.mapped`): nothing stays active between forwards.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-from server.engine.scheduler import RowMove
+from server.engine.request import Request, TokenLogprob
+from server.engine.sampling import RowSampling, sample
+from server.engine.scheduler import RowMove, StepPlan
 from server.model.kv_cache import KVCache
 from server.model.llama import StepInputs, Transformer
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    request: Request
+    token_id: int
+    logprob: TokenLogprob | None
 
 
 class ModelRunner:
@@ -37,6 +51,34 @@ class ModelRunner:
         if self.sliding_window:
             mask &= keys > query - self.sliding_window
         return mask
+
+    @torch.inference_mode()
+    def run(self, plan: StepPlan, adapters, sampling_of: Callable[[Request], RowSampling]) -> list[SampledToken]:
+        """Run the plan's prefill forwards, then its decode forward; sample every row that finished its
+        prompt this step or decoded. `adapters` provides `mapped(requests)` and `prefix_for(request)`."""
+        rows: list[Request] = []
+        logits: list[torch.Tensor] = []  # [n, V] blocks, in `rows` order
+        for group in plan.prefill:
+            for chunk in group:
+                prefix = adapters.prefix_for(chunk.request) if chunk.first else None
+                if prefix is not None:
+                    self.cache.write_prefix(chunk.row, *prefix)
+            with adapters.mapped([c.request for c in group]):
+                out = self.prefill(group[0].row, [c.token_ids for c in group], [c.start for c in group])  # [N, V]
+            last = [i for i, c in enumerate(group) if c.last]
+            rows += [group[i].request for i in last]
+            logits.append(out[last])
+        decode = plan.decode
+        if decode is not None:
+            with adapters.mapped(decode.requests):
+                out = self.decode(decode.token_ids, decode.positions)  # [B, V]
+            keep = [i for i, s in enumerate(decode.sampled) if s]
+            rows += [decode.requests[i] for i in keep]
+            logits.append(out if len(keep) == len(decode.sampled) else out[keep])
+        if not rows:
+            return []
+        tokens, logprobs = sample(torch.cat(logits), [sampling_of(r) for r in rows])
+        return [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
 
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
