@@ -171,7 +171,7 @@ BAD_COMPLETIONS = [
     ({"prompt": "x", "stop": 3}, "stop"),
     ({"prompt": "x", "logprobs": 50}, "logprobs"),
     ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ({"prompt": "x", "frequency_penalty": 1.0}, "penalty"),
+    ({"prompt": "x", "frequency_penalty": 3.0}, "frequency_penalty"),
     ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"prompt": "x", "user": 5}, "user"),
     ({"max_tokens": 4}, "prompt"),

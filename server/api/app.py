@@ -5,6 +5,7 @@ tokenizer, engine outputs (token ids, text, logprobs) become OpenAI-shaped JSON.
 
 * ``POST /v1/completions``, ``POST /v1/chat/completions`` (:mod:`.completions`, :mod:`.chat`)
 * ``GET /v1/models[/{id}]`` (:mod:`.models`)
+* ``POST /tokenize``, ``POST /detokenize`` (:mod:`.tokenize`, vLLM's shapes)
 * ``/v1/adapters`` upload / list / get / delete (:mod:`.adapter_admin`, admin scope)
 * ``GET /health``, ``GET /metrics`` (:mod:`.monitoring`, open)
 """
@@ -16,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import adapter_admin, chat, completions, models, monitoring
+from server.api import adapter_admin, chat, completions, models, monitoring, tokenize
 from server.api.auth import AuthMiddleware, load_keys
 from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
@@ -58,6 +59,6 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(monitoring.RequestMetricsMiddleware, metrics=metrics)  # outermost: counts 401/403 too
-    for module in (completions, chat, models, adapter_admin, monitoring):
+    for module in (completions, chat, models, tokenize, adapter_admin, monitoring):
         app.include_router(module.router)
     return app

@@ -7,7 +7,7 @@ the OpenAI clients do) or ``X-API-Key: KEY``. With no keys configured, every cli
 scope. The check is an ASGI middleware, so it runs before any request body is read:
 
 * ``/v1/adapters...``: admin scope;
-* any other ``/v1/...`` path: inference scope;
+* any other ``/v1/...`` path, and ``/tokenize``, ``/detokenize`` (vLLM's paths): inference scope;
 * everything else (``/health``, ``/metrics``, the docs): open.
 
 401 without a valid key, 403 for an inference key on an admin path.
@@ -26,6 +26,7 @@ from server.config import ServerConfig
 ADMIN, INFERENCE = "admin", "inference"
 ADMIN_PREFIX = "/v1/adapters"
 PROTECTED_PREFIX = "/v1/"
+INFERENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def request_key(scope: Scope) -> str | None:
 def required_scope(path: str) -> str | None:
     if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
         return ADMIN
-    if path.startswith(PROTECTED_PREFIX):
+    if path.startswith(PROTECTED_PREFIX) or path in INFERENCE_PATHS:
         return INFERENCE
     return None
 

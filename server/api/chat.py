@@ -21,17 +21,23 @@ router = APIRouter()
 ROLE_ALIASES = {"developer": "system"}
 
 
-def chat_prompt_ids(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Render ``messages`` with the chat template (plus the assistant's turn) and tokenize it."""
+def chat_prompt_ids(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    continue_final_message: bool = False, add_special_tokens: bool = False) -> list[int]:
+    """Render ``messages`` with the chat template and tokenize it.
+
+    By default the template opens the assistant's turn (``add_generation_prompt``) and writes the
+    special tokens (bos) itself, so none are added on top (``add_special_tokens``);
+    ``continue_final_message`` leaves the last message open instead (HF / vLLM semantics).
+    """
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
     conversation = [{"role": ROLE_ALIASES.get(m.role, m.role), "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message)
     except Exception as exc:  # jinja2 errors, raise_exception() in the template
         raise APIError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    # the template writes the special tokens (bos) itself
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def chat_logprobs(engine, outputs: list[RequestOutput]) -> ChoiceLogprobs:

@@ -63,7 +63,9 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                           seed=body.seed, stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()),
-                          ignore_eos=body.ignore_eos, logprobs=logprobs)
+                          ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                          frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+                          min_p=body.min_p, min_tokens=body.min_tokens, logit_bias=body.logit_bias_pairs)
 
 
 def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
@@ -76,6 +78,9 @@ def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adap
     if len(prompts) * n > MAX_SEQUENCES:
         raise APIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SEQUENCES} sequences in one request",
                        param="n")
+    vocab_size = getattr(engine, "vocab_size", None)
+    if vocab_size is not None:
+        params.check_vocab(vocab_size)  # RequestError -> 400
     requests = []
     for ids in prompts:
         for j in range(n):

@@ -20,12 +20,14 @@ def _created(iso: str, default: int) -> int:
 
 
 def model_cards(ctx: ServerContext) -> list[ModelCard]:
-    base = ctx.engine.model_name
-    cards = [ModelCard(id=base, created=ctx.started_at, kind="base", root=base)]
+    """The base and every stored adapter; ``max_model_len`` is the engine's context for each (a prefix
+    adapter's virtual tokens count against it, as they do in the KV cache)."""
+    base, max_len = ctx.engine.model_name, ctx.engine.max_seq_len
+    cards = [ModelCard(id=base, created=ctx.started_at, kind="base", root=base, max_model_len=max_len)]
     store = getattr(ctx.engine, "adapter_store", None)
     for record in store.list() if store is not None else ():
         cards.append(ModelCard(id=record.name, created=_created(record.created_at, ctx.started_at), kind=record.kind,
-                               parent=base, root=base))
+                               parent=base, root=base, max_model_len=max_len))
     return cards
 
 

@@ -2,7 +2,7 @@
 
 Request models are strict: a string where a number belongs is a 400, not a silent
 conversion; ``null`` means "use the default", as in OpenAI's schema. Unknown fields are ignored (clients send many), but the OpenAI fields this
-server cannot honour (penalties, logit_bias, best_of, suffix, tools) are refused when set
+server cannot honour (best_of, suffix, tools) are refused when set
 rather than quietly dropped. Streaming chunks are built as plain dicts in
 :mod:`server.api.completions` and :mod:`server.api.chat`; they follow the same shapes.
 """
@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 100.0
 SEED_RANGE = (-(2**63), 2**64 - 1)
 
 Prompt = str | list[str] | list[int] | list[list[int]]
@@ -39,6 +40,11 @@ def _check_stop(value: Any) -> Any:
     if isinstance(value, list) and all(isinstance(s, str) for s in value):
         return value
     raise ValueError("must be a string or a list of strings")
+
+
+def _drop_nulls(data: Any) -> Any:
+    """Clients send ``"temperature": null`` and the like for "not set": use the default."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
 
 class StreamOptions(BaseModel):
@@ -65,27 +71,36 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    # logit adjustments (semantics and order: server.engine.sampling); vLLM's ranges
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        """Clients send ``"temperature": null`` and the like for "not set": use the default."""
-        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+        return _drop_nulls(data)
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_type(cls, value: Any) -> Any:
         return _check_stop(value)
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
+        return value
+
     @model_validator(mode="after")
     def _unsupported(self):
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported; leave them at 0")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
         if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
@@ -93,6 +108,11 @@ class SamplingFields(BaseModel):
         if self.stop is not None and any(not s for s in ([self.stop] if isinstance(self.stop, str) else self.stop)):
             raise ValueError("stop: stop sequences must be non-empty strings")
         return self
+
+    @property
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as SamplingParams holds it: (token id, bias), by token id."""
+        return tuple(sorted((int(k), float(v)) for k, v in (self.logit_bias or {}).items()))
 
     @property
     def include_usage(self) -> bool:
@@ -171,6 +191,76 @@ class ChatCompletionRequest(SamplingFields):
     @property
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize, vLLM's two shapes in one: ``prompt`` (a string) or chat ``messages``.
+
+    ``add_special_tokens`` defaults as in vLLM: true for a prompt (bos is added), false for messages
+    (the chat template writes them). ``add_generation_prompt`` (default true) opens the assistant's
+    turn; ``continue_final_message`` leaves the last message open instead (not both).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    adapter: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+    tools: list[dict] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+    @model_validator(mode="after")
+    def _one_shape(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt (a string) or messages (a chat), not both and not neither")
+        if self.prompt == "":
+            raise ValueError("prompt: must not be empty")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages: must hold at least one message")
+        if self.continue_final_message and self.add_generation_prompt and \
+                "add_generation_prompt" in self.model_fields_set:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if self.chat_template is not None:
+            raise ValueError("chat_template is not supported: the model's own template is used")
+        if self.tools:
+            raise ValueError("tools are not supported")
+        return self
+
+    @property
+    def special_tokens(self) -> bool:
+        if self.add_special_tokens is not None:
+            return self.add_special_tokens
+        return self.messages is None
+
+    @property
+    def generation_prompt(self) -> bool:
+        """vLLM's default opens the assistant's turn, unless the final message is continued."""
+        return self.add_generation_prompt and not self.continue_final_message
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize: token ids (in [0, vocabulary size)) back to text, special tokens kept (as vLLM)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    model: str | None = None
+    adapter: str | None = None
+    tokens: list[int] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
 
 
 # ---------------------------------------------------------------------------------- responses
@@ -252,6 +342,18 @@ class ModelCard(BaseModel):
     kind: Literal["base", "lora", "ia3", "prefix"] | str
     parent: str | None = None
     root: str
+    max_model_len: int  # tokens a sequence may hold (prompt + output), as vLLM reports it
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):
