@@ -262,8 +262,7 @@ def test_engine_samples_each_step_from_the_reference(loaded, monkeypatch):
 
     monkeypatch.setattr(runner_module, "sample", spy)
     engine.generate(requests)
-    if not all(r.request is not None for _, rows, _, _ in steps for r in rows):
-        pytest.xfail("Engine.submit does not pass request= and eos_token_ids= to RowSampling yet")
+    assert all(r.request is not None for _, rows, _, _ in steps for r in rows)
     for logits, rows, histories, tokens in steps:
         for i, (request, output) in enumerate(histories):
             want = reference(logits[i].tolist(), request.params, request.prompt_token_ids, output,

@@ -119,8 +119,9 @@ class Engine:
         """
         seed = request.params.seed if request.params.seed is not None else self._rng.getrandbits(63)
         max_tokens = request.params.max_tokens or (self.max_seq_len - request.num_tokens)
-        tracked = _Tracked(request, RowSampling(request.params, make_generator(seed)),
-                           IncrementalDetokenizer(self.tokenizer, request.params.stop), emit, max_tokens)
+        sampling = RowSampling(request.params, make_generator(seed), request=request, eos_token_ids=self.eos_token_ids)
+        tracked = _Tracked(request, sampling, IncrementalDetokenizer(self.tokenizer, request.params.stop), emit,
+                           max_tokens)
         with self._submit_lock:
             if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
                 raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
