@@ -5,8 +5,7 @@ any checkpoint: ``config.json``, ``generation_config.json``, ``model.safetensors
 ``tokenizer.json`` + ``tokenizer_config.json`` and the chat template (``chat_template.jinja``),
 then ``gguf.json`` (what it was made from) last.
 
-* What is checked first: ``general.architecture`` is read with the ``gguf`` package (its reader
-  maps the file and parses only the header, ~10 ms for 93 MB). Only ``llama`` (llama.cpp writes
+* What is checked first: ``general.architecture``, scanned from the header (gguf_architecture). Only ``llama`` (llama.cpp writes
   Mistral models as ``llama`` too), ``mistral`` and ``qwen2`` are converted; anything else gets
   a clear error naming the architecture, before any dequantization.
 * The weights are exactly what transformers' GGUF loader produces
@@ -20,7 +19,9 @@ then ``gguf.json`` (what it was made from) last.
 * Cache: ``<cache>/models/gguf-<sha256[:16]>/<name>/``: the key is the sha256 of the file's
   bytes (hashing 93 MB takes ~0.2 s here, so it is recomputed at each start rather than
   trusted from a path or an mtime); ``<name>`` is the served model name (the loader names a
-  model after its directory), the file's stem unless the caller gives one.
+  model after its directory), the file's stem unless the caller gives one. The same bytes asked
+  for under a second name (the default model, then its file as ``--model``) hard-link the first
+  conversion's files instead of converting again.
 * Creation is atomic like the built-in model's: written into a temp dir beside the target,
   fsynced, renamed into place. A concurrent caller that loses the rename race uses the
   winner's directory; a crash leaves only a stray temp dir. Measured here (SmolLM2-135M Q4_1,
@@ -33,8 +34,10 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import threading
+from importlib.metadata import version
 from pathlib import Path
 
 from adapters.fsutil import fsync_path
@@ -53,25 +56,74 @@ class GGUFError(ValueError):
     """A GGUF file that cannot be served: unreadable, or an architecture we do not run."""
 
 
-def _field_str(reader, key: str) -> str | None:
-    field = reader.fields.get(key)
-    if field is None or not field.data:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
-
-
 def gguf_architecture(path: str | Path) -> str:
-    """``general.architecture`` of a GGUF file (e.g. ``"llama"``), read from its header only."""
-    from gguf import GGUFReader
+    """``general.architecture`` of a GGUF file (e.g. ``"llama"``), scanned from its header.
 
+    ``gguf.GGUFReader`` parses every field first, the 49152-entry vocabulary included: 7.5 s here
+    for SmolLM2 (busy cores), against 60 ms (mostly importing gguf) for this scan, which stops at
+    the key (llama.cpp writes it first) and seeks over the values before it. Types and magic are
+    the gguf package's.
+    """
     try:
-        reader = GGUFReader(str(path), "r")
-    except (OSError, ValueError) as exc:  # ValueError: bad magic / version
+        with open(path, "rb") as f:
+            arch = _scan_architecture(f)
+    except (OSError, ValueError, struct.error) as exc:
         raise GGUFError(f"{path} is not a readable GGUF file: {exc}") from exc
-    arch = _field_str(reader, "general.architecture")
     if arch is None:
         raise GGUFError(f"{path} has no general.architecture field; it is not a model GGUF file")
     return arch
+
+
+def _read(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise ValueError("truncated GGUF header")
+    return data
+
+
+def _read_str(f, order: str) -> str:
+    (n,) = struct.unpack(order + "Q", _read(f, 8))
+    if n > 1 << 20:
+        raise ValueError(f"implausible GGUF string length {n}")
+    return _read(f, n).decode("utf-8", errors="replace")
+
+
+def _skip_value(f, vtype: int, order: str) -> None:
+    from gguf import GGUFValueType as T
+
+    sizes = {T.UINT8: 1, T.INT8: 1, T.BOOL: 1, T.UINT16: 2, T.INT16: 2, T.UINT32: 4, T.INT32: 4,
+             T.FLOAT32: 4, T.UINT64: 8, T.INT64: 8, T.FLOAT64: 8}
+    if vtype in sizes:
+        f.seek(sizes[vtype], os.SEEK_CUR)
+    elif vtype == T.STRING:
+        (n,) = struct.unpack(order + "Q", _read(f, 8))
+        f.seek(n, os.SEEK_CUR)
+    elif vtype == T.ARRAY:
+        item_type, count = struct.unpack(order + "IQ", _read(f, 12))
+        if item_type in sizes:
+            f.seek(sizes[item_type] * count, os.SEEK_CUR)
+        else:
+            for _ in range(count):
+                _skip_value(f, item_type, order)
+    else:
+        raise ValueError(f"unknown GGUF value type {vtype}")
+
+
+def _scan_architecture(f) -> str | None:
+    from gguf import GGUF_MAGIC, GGUFValueType
+
+    if struct.unpack("<I", _read(f, 4))[0] != GGUF_MAGIC:
+        raise ValueError("GGUF magic invalid")
+    (version,) = struct.unpack("<I", _read(f, 4))
+    order = ">" if version & 0xFFFF == 0 else "<"  # a big-endian file, as GGUFReader detects it
+    _, kv_count = struct.unpack(order + "QQ", _read(f, 16))
+    for _ in range(kv_count):
+        key = _read_str(f, order)
+        (vtype,) = struct.unpack(order + "I", _read(f, 4))
+        if key == "general.architecture" and vtype == GGUFValueType.STRING:
+            return _read_str(f, order)
+        _skip_value(f, vtype, order)
+    return None
 
 
 def check_architecture(path: str | Path) -> str:
@@ -125,7 +177,6 @@ def ensure_gguf_model(gguf_path: str | Path, cache_dir: Path | None = None, name
 
 def convert(src: Path, dest: Path, sha256: str, arch: str, name: str) -> None:
     """Write the HF directory for GGUF ``src`` into the existing empty directory ``dest``."""
-    import gguf
     import torch
     import transformers
     from safetensors.torch import save_file
@@ -143,6 +194,7 @@ def convert(src: Path, dest: Path, sha256: str, arch: str, name: str) -> None:
     save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     model.generation_config.save_pretrained(dest)
+    model_max_length = model.config.max_position_embeddings
     del model, state
     tokenizer = AutoTokenizer.from_pretrained(str(src.parent), **kwargs)
     tokenizer.save_pretrained(dest)
@@ -150,26 +202,31 @@ def convert(src: Path, dest: Path, sha256: str, arch: str, name: str) -> None:
     tok_config = json.loads((dest / "tokenizer_config.json").read_text())
     for key in ("local_files_only", "is_local", "gguf_file"):
         tok_config.pop(key, None)
-    tok_config["model_max_length"] = config.get("max_position_embeddings", tok_config.get("model_max_length"))
+    tok_config["model_max_length"] = model_max_length
     (dest / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, sort_keys=True) + "\n")
     # The marker goes last: a directory without a matching one is never treated as complete.
     (dest / MARKER).write_text(json.dumps({
         "name": name, "source": str(src), "sha256": sha256, "architecture": arch,
         "converter_version": CONVERTER_VERSION, "transformers": transformers.__version__,
-        "gguf": getattr(gguf, "__version__", None) or _version("gguf"), "torch": torch.__version__,
+        "gguf": version("gguf"), "torch": torch.__version__,
     }, indent=2) + "\n")
     for f in dest.iterdir():
         fsync_path(f)
     fsync_path(dest)
 
 
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
+def _link_files(src_dir: Path, dest: Path, name: str) -> None:
+    """Hard-link (copy where links fail) a complete conversion's files into ``dest``, renamed ``name``."""
+    for f in src_dir.iterdir():
+        if f.name != MARKER:
+            try:
+                os.link(f, dest / f.name)
+            except OSError:
+                shutil.copy2(f, dest / f.name)
+    marker = json.loads((src_dir / MARKER).read_text())
+    (dest / MARKER).write_text(json.dumps({**marker, "name": name}, indent=2) + "\n")
+    fsync_path(dest / MARKER)
+    fsync_path(dest)
 
 
 def _create(src: Path, target: Path, sha256: str, arch: str) -> None:
@@ -177,7 +234,12 @@ def _create(src: Path, target: Path, sha256: str, arch: str) -> None:
     logger.info("converting %s (%s) into %s (once; about half a minute)", src, arch, target)
     tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        convert(src, tmp, sha256, arch, target.name)
+        sibling = next((d for d in target.parent.iterdir() if d.name != target.name and not d.name.startswith(".")
+                        and is_complete(d, sha256)), None)
+        if sibling is not None:  # the same bytes converted under another name: share its files
+            _link_files(sibling, tmp, target.name)
+        else:
+            convert(src, tmp, sha256, arch, target.name)
         if target.exists() and not is_complete(target, sha256):
             # Damaged or from an older converter: move it aside atomically, then delete it.
             logger.warning("replacing incomplete or outdated %s", target)
