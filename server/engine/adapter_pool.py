@@ -177,8 +177,7 @@ class AdapterPool:
         m.any_lora = any(i.kind == "lora" for i in infos)
         m.any_ia3 = any(i.kind == "ia3" for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
-        m.merged_slot, m.merged_rank = merged, self.slot_info[merged].rank if merged else 0
-        m.merged_kind = self.slot_info[merged].kind if merged else ""
+        m.merged_slot = merged
         m.merged_correction = torch.tensor(others, dtype=torch.long, device=self.device) if others else None
         m.active = True
 

@@ -18,8 +18,8 @@ LoRA, ones for IA3), so one formula serves every row:
 per kind, and matches PEFT for each.)
 
 A merged adapter (merge-on-demand) replaces `base` by a dense compute-dtype copy
-of W + delta; its rows then use slot 0, and every other row gets the merged
-adapter's delta subtracted (`merged_slot`), so all rows stay exact.
+of W + delta; its rows then use slot 0, and every other row is recomputed with the
+base's own product (`merged_correction`), so all rows stay exact.
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ class BatchMapping:
     slot_of_row [N]: each row's slot; slots_present: the distinct ones; uniform_slot:
     the slot when every row has the same one, else None. Flags let layers skip work no
     row needs (each layer slices LoRA compute to the largest rank its present slots hold).
-    merged_correction [K] long: rows that must not see the merged adapter (its LoRA
-    delta is subtracted; under a merged IA3 they get the base's own product).
+    merged_correction [K] long: rows that must not see the merged adapter (they get the
+    base's own product).
     """
 
     slot_of_row: torch.Tensor | None = None
@@ -51,8 +51,6 @@ class BatchMapping:
     any_lora: bool = False
     any_ia3: bool = False
     merged_slot: int = 0
-    merged_kind: str = ""
-    merged_rank: int = 0
     merged_correction: torch.Tensor | None = None
     active: bool = False
     owner: object | None = None  # the adapter pool whose slot contents the layers hold
@@ -88,12 +86,11 @@ class AdapterLinear(nn.Module):
         x_in = row_scale(x, self.ia3_in, slots) if m.any_ia3 and not self.ia3_in_slots.isdisjoint(present) else x
         y = base(x_in)
         if m.merged_correction is not None and self.merged is not None:  # other rows: undo the merge
-            rows, s, r = m.merged_correction, m.merged_slot, m.merged_rank
-            others = x_in.index_select(0, rows)
-            if m.merged_kind == "lora":  # low rank: subtract the delta (inside any IA3 of those rows)
-                y = y.index_add(0, rows, (others @ self.lora_a[s, :r].t()) @ self.lora_b[s, :r], alpha=-1)
-            else:  # IA3 scales the whole product: recompute those rows with the base
-                y = y.index_copy(0, rows, self.base(others).to(y.dtype))
+            # Recomputed with the base's own product, for LoRA as for IA3: exact on every CPU kind. Subtracting
+            # the LoRA delta from the merged product drifted on AVX512-BF16 CPUs, whose NF4 kernel runs with
+            # bf16 block scales (a row under another adapter changed its greedy token 11 of 20).
+            rows = m.merged_correction
+            y = y.index_copy(0, rows, self.base(x_in.index_select(0, rows)).to(y.dtype))
         if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):
             y = row_scale(y, self.ia3_out, slots)
         rank = max(self.lora_ranks[s] for s in present) if m.any_lora else 0
