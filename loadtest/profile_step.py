@@ -1,0 +1,129 @@
+"""Where a decode step's time goes: the engine at the server's default flags, batch 32, under torch's profiler.
+
+On the ~134M Llama of bench_engine (hidden 768, 12 layers, vocab 32000), in the
+dtype the server resolves for this machine, 32 requests of a 16-token prompt and
+`--new-tokens` tokens each, with `--kind` adapters (base: none; lora/ia3/prefix: 32
+distinct ones). Every profiled op is put in one bucket by name (GEMMs, attention,
+KV writes, adapter ops, sampling, norms/rope/elementwise, other); the detokenizer and
+the engine's Python (scheduler, postprocess) are timed around their functions. HTTP
+and the event loop are not in this process: `make bench-served` gives their share as
+1 - served / engine-only.
+
+    python -m loadtest.profile_step [--kind base|lora|ia3|prefix] [--new-tokens 32]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from loadtest.adapters_gen import AdapterFactory, register
+from loadtest.bench_engine import make_model_dir, prompts
+from server.config import EngineConfig
+from server.engine import detokenizer, scheduler as scheduler_module
+from server.engine.engine import Engine
+from server.engine.factory import resolve
+from server.engine.request import SamplingParams
+from server.model.loader import load_model, parse_dtype
+
+BATCH = 32
+BUCKETS = [  # (bucket, substrings of op names), first match wins
+    ("GEMM (linears, lm_head)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn")),
+    ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
+    ("KV cache write", ("index_copy",)),
+    ("adapter ops (LoRA kernel, bmm, IA3 gathers)", ("add_lora", "bmm", "index_select", "lora")),
+    ("sampling (argmax, softmax, sort)", ("argmax", "softmax", "sort", "topk", "searchsorted", "cumsum")),
+    ("norms, rope, activations, elementwise", ("mul", "add", "silu", "pow", "mean", "rsqrt", "cos", "sin", "neg",
+                                              "cat", "div", "sub")),
+]
+
+
+class Stopwatch:
+    """Wraps functions and adds up the wall time spent in them."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        inner = getattr(owner, attr)
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - start
+
+        setattr(owner, attr, timed)
+
+
+def bucket_of(name: str) -> str:
+    lowered = name.lower()
+    for bucket, needles in BUCKETS:
+        if any(n in lowered for n in needles):
+            return bucket
+    return "other torch ops"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=["base", "lora", "ia3", "prefix"], default="base")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model_dir = make_model_dir(root / "model")
+        config = resolve(replace(EngineConfig(), model=str(model_dir), max_batch=BATCH, max_adapter_slots=BATCH,
+                                 adapter_dir=str(root / "store")))
+        names: list[str | None] = [None] * BATCH
+        if args.kind != "base":
+            factory = AdapterFactory(model_dir, root / "adapters", rank=16, prefix_tokens=16, seed=1)
+            specs = [factory.get(args.kind, i) for i in range(BATCH)]
+            register(root / "store", specs)
+            names = [s.name for s in specs]
+        loaded = load_model(model_dir, dtype=parse_dtype(config.dtype), quantization=config.quantization,
+                            batch_hint=BATCH)
+        engine = Engine(loaded, config)
+        params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+        def batch():
+            return [engine.make_request(p, params, adapter=a) for p, a in zip(prompts(BATCH), names)]
+
+        engine.generate(batch())  # warm-up: adapters resident, kernels built
+        watch = Stopwatch()
+        watch.wrap(detokenizer.IncrementalDetokenizer, "add", "detokenizer")
+        watch.wrap(scheduler_module.Scheduler, "schedule", "scheduler (pure Python)")
+        watch.wrap(engine, "_postprocess", "postprocess (append, finish, merge policy; incl. detokenizer)")
+        start = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate(batch())
+        wall = time.perf_counter() - start
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages():
+        totals[bucket_of(event.key)] += event.self_cpu_time_total / 1e6
+    steps = args.new_tokens
+    print(f"{args.kind}: {BATCH} rows x {steps} tokens, {config.dtype}, max_seq_len {config.max_seq_len}, "
+          f"{args.threads} threads: {wall:.2f} s under the profiler ({BATCH * steps / wall:.0f} tok/s), "
+          f"{wall / steps * 1e3:.1f} ms/step")
+    print(f"{'bucket':<62} {'ms/step':>8} {'share':>6}")
+    op_total = sum(totals.values())
+    for bucket, seconds in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"{bucket:<62} {seconds / steps * 1e3:8.2f} {seconds / op_total:6.1%}")
+    for label, seconds in watch.seconds.items():
+        print(f"{label:<62} {seconds / steps * 1e3:8.2f} {seconds / wall:6.1%} of wall")
+    print(f"(op self-times add up to {op_total / steps * 1e3:.1f} ms/step; with {args.threads} threads an op's "
+          "self time is wall time, not CPU time summed over threads)")
+
+
+if __name__ == "__main__":
+    main()
