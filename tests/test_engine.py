@@ -203,3 +203,33 @@ def test_prefill_near_the_end_of_the_cache(loaded):
     requests = [Request(long_prompt, greedy(8)), Request(PROMPTS[0], greedy(8))]
     engine.generate(requests)
     assert [r.output_token_ids for r in requests] == expected
+
+
+@pytest.mark.parametrize("max_prefill_tokens", [7, 2048])
+def test_prompt_logprobs_equal_the_reference_forward(loaded, tiny_checkpoints, max_prefill_tokens):
+    """echo-style scoring: each prompt token's logprob under HF's forward, computed in the (chunked, batched)
+    prefill; a row that does not ask is unaffected; max_tokens=0 only scores."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["llama"], dtype=torch.float32).eval()
+    engine = make_engine(loaded, max_prefill_tokens=max_prefill_tokens)
+    scored = [Request(PROMPTS[1], greedy(3, prompt_logprobs=2)), Request(PROMPTS[3], greedy(0, prompt_logprobs=0))]
+    plain = Request(PROMPTS[2], greedy(3))
+    outputs = engine.generate([scored[0], plain, scored[1]])
+    for request in scored:
+        first = outputs[request.request_id][0]
+        with torch.inference_mode():
+            reference = torch.log_softmax(hf(torch.tensor([request.prompt_token_ids])).logits[0].float(), -1)
+        entries = first.prompt_logprobs
+        assert len(entries) == len(request.prompt_token_ids) and entries[0] is None
+        for position, entry in enumerate(entries[1:], start=1):
+            expected = reference[position - 1]
+            assert entry.token_id == request.prompt_token_ids[position]
+            assert abs(entry.logprob - float(expected[entry.token_id])) < 1e-4
+            k = request.params.prompt_logprobs
+            assert [t for t, _ in entry.top] == expected.topk(max(k, 1)).indices[:k].tolist()
+    assert outputs[scored[1].request_id][-1].finish_reason == "length" and scored[1].output_token_ids == []
+    assert len(outputs[scored[1].request_id]) == 1
+    assert all(o.prompt_logprobs is None for o in outputs[plain.request_id])
+    assert scored[0].output_token_ids == solo(loaded, PROMPTS[1], greedy(3))
+    assert plain.output_token_ids == solo(loaded, PROMPTS[2], greedy(3))

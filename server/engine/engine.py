@@ -16,7 +16,7 @@ import queue
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,7 @@ from server.engine.adapter_pool import AdapterPool, version_key
 from server.engine.merge_policy import MergePolicy
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
-from server.engine.runner import ModelRunner, SampledToken
+from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampling import RowSampling, make_generator
 from server.engine.scheduler import Scheduler, StepPlan
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
@@ -50,6 +50,14 @@ class _Tracked:
     detokenizer: IncrementalDetokenizer
     emit: OutputCallback
     max_tokens: int
+    prompt_logprobs: list = field(default_factory=list)  # filled chunk by chunk, sent with the first output
+
+    def take_prompt_logprobs(self):
+        """The prompt's scores for the first output (None if not asked for), then never again."""
+        if self.request.params.prompt_logprobs is None or self.prompt_logprobs is None:
+            return None
+        entries, self.prompt_logprobs = self.prompt_logprobs, None
+        return entries
 
 
 class Engine:
@@ -118,7 +126,9 @@ class Engine:
         engine thread only ever shrinks the queue).
         """
         seed = request.params.seed if request.params.seed is not None else self._rng.getrandbits(63)
-        max_tokens = request.params.max_tokens or (self.max_seq_len - request.num_tokens)
+        max_tokens = request.params.max_tokens
+        if max_tokens is None:
+            max_tokens = self.max_seq_len - request.num_tokens
         sampling = RowSampling(request.params, make_generator(seed), request=request, eos_token_ids=self.eos_token_ids)
         tracked = _Tracked(request, sampling, IncrementalDetokenizer(self.tokenizer, request.params.stop), emit,
                            max_tokens)
@@ -195,16 +205,21 @@ class Engine:
     def _sampling_of(self, request: Request) -> RowSampling:
         return self._tracked[request.request_id].sampling
 
-    def _postprocess(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
-        """Fail what could not be admitted, append each sampled token (finishing requests and moving rows),
-        then let the merge policy see the step."""
+    def _postprocess(self, plan: StepPlan, out: StepOutput) -> None:
+        """Fail what could not be admitted, keep prompt scores, append each sampled token (finishing requests
+        and moving rows), end prompt-only requests, then let the merge policy see the step."""
         for request, message in plan.failed:
             self._finish(self._tracked[request.request_id], "error", error=message)
+        for request, entries in out.prompt_logprobs:
+            self._tracked[request.request_id].prompt_logprobs.extend(entries)
         now = time.monotonic()
-        for s in sampled:
+        for s in out.sampled:
             if s.request.first_token_time is None:
                 s.request.first_token_time = now
             self._append(self._tracked[s.request.request_id], s.token_id, s.logprob)
+        for chunk in (c for group in plan.prefill for c in group if c.last and c.request.params.max_tokens == 0):
+            chunk.request.first_token_time = now
+            self._finish(self._tracked[chunk.request.request_id], "length")
         if plan.decode is not None:
             self.adapters.observe_step(self.scheduler.running)
         self.steps += 1
@@ -223,15 +238,16 @@ class Engine:
             text += tracked.detokenizer.add([], final=True)
         tracked.emit(RequestOutput(request.request_id, [token], text, [logprob] if logprob else None,
                                    reason is not None, reason, len(request.prompt_token_ids),
-                                   len(request.output_token_ids)))
+                                   len(request.output_token_ids), prompt_logprobs=tracked.take_prompt_logprobs()))
         if reason is not None:
             self._retire(tracked, reason)
 
     def _finish(self, tracked: _Tracked, reason: str, error: str | None = None) -> None:
-        """End a request early (abort, error) and tell its caller."""
+        """End a request without a new token (abort, error, a prompt-only request) and tell its caller."""
         request = tracked.request
         tracked.emit(RequestOutput(request.request_id, [], "", None, True, reason, len(request.prompt_token_ids),
-                                   len(request.output_token_ids), error))
+                                   len(request.output_token_ids), error,
+                                   prompt_logprobs=None if error else tracked.take_prompt_logprobs()))
         self._retire(tracked, reason)
 
     def _retire(self, tracked: _Tracked, reason: str) -> None:

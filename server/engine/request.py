@@ -43,6 +43,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # each prompt token's logprob (+ this many alternatives); None = off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -54,16 +55,18 @@ class SamplingParams:
     MAX_LOGIT_BIAS = 100.0
 
     def validate(self) -> None:
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.max_tokens is not None and self.max_tokens < 0:
+            raise RequestError(f"max_tokens must be 0 (only score the prompt) or more, got {self.max_tokens}")
         if not 0.0 <= self.temperature <= 2.0:
             raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= self.MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= self.MAX_LOGPROBS:
+                raise RequestError(f"{name} must be between 0 and {self.MAX_LOGPROBS}, got {value}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
         if len(self.stop) > 4:
@@ -128,6 +131,8 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    # on a request's first output, when asked: one entry per prompt token (the first None: nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 _ids = itertools.count()

@@ -12,14 +12,14 @@ The adapter routing of each forward is set on entry and cleared on exit
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from server.engine.request import Request, TokenLogprob
-from server.engine.sampling import RowSampling, sample
-from server.engine.scheduler import RowMove, StepPlan
+from server.engine.sampling import RowSampling, sample, token_logprobs
+from server.engine.scheduler import PrefillChunk, RowMove, StepPlan
 from server.model.kv_cache import KVCache
 from server.model.llama import StepInputs, Transformer
 
@@ -29,6 +29,25 @@ class SampledToken:
     request: Request
     token_id: int
     logprob: TokenLogprob | None
+
+
+@dataclass
+class StepOutput:
+    sampled: list[SampledToken] = field(default_factory=list)
+    # per scored chunk: the logprobs of the prompt tokens it predicts (the first chunk's list starts with None)
+    prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(default_factory=list)
+
+
+def _score_chunk(chunk: PrefillChunk, logits: torch.Tensor) -> list[TokenLogprob | None]:
+    """logits [n, V] of the chunk's n tokens; token j's logits predict prompt token start_j + 1. The last
+    chunk's last token predicts the first generated token, which is not a prompt token."""
+    prompt = chunk.request.prompt_token_ids
+    done = chunk.start - chunk.request.prefix_len          # prompt index of the chunk's first token
+    targets = prompt[done + 1:done + 1 + len(chunk.token_ids)]
+    entries: list[TokenLogprob | None] = [None] if chunk.first else []
+    if targets:
+        entries += token_logprobs(logits[:len(targets)], targets, chunk.request.params.prompt_logprobs)
+    return entries
 
 
 class ModelRunner:
@@ -53,9 +72,11 @@ class ModelRunner:
         return mask
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan, adapters, sampling_of: Callable[[Request], RowSampling]) -> list[SampledToken]:
-        """Run the plan's prefill forwards, then its decode forward; sample every row that finished its
-        prompt this step or decoded. `adapters` provides `mapped(requests)` and `prefix_for(request)`."""
+    def run(self, plan: StepPlan, adapters, sampling_of: Callable[[Request], RowSampling]) -> StepOutput:
+        """Run the plan's prefill forwards, then its decode forward; sample every row that decoded or finished
+        its prompt this step (unless it asked for no tokens), and score prompt tokens where asked.
+        `adapters` provides `mapped(requests)` and `prefix_for(request)`."""
+        out = StepOutput()
         rows: list[Request] = []
         logits: list[torch.Tensor] = []  # [n, V] blocks, in `rows` order
         for group in plan.prefill:
@@ -63,26 +84,36 @@ class ModelRunner:
                 prefix = adapters.prefix_for(chunk.request) if chunk.first else None
                 if prefix is not None:
                     self.cache.write_prefix(chunk.row, *prefix)
+            scored = {i for i, c in enumerate(group) if c.request.params.prompt_logprobs is not None}
             with adapters.mapped([c.request for c in group]):
-                out = self.prefill(group[0].row, [c.token_ids for c in group], [c.start for c in group])  # [N, V]
-            last = [i for i, c in enumerate(group) if c.last]
-            rows += [group[i].request for i in last]
-            logits.append(out[last])
+                flat = self.prefill(group[0].row, [c.token_ids for c in group], [c.start for c in group], scored)
+            offset = 0
+            for i, chunk in enumerate(group):
+                n = len(chunk.token_ids) if i in scored else 1
+                block, offset = flat[offset:offset + n], offset + n  # [n, V]
+                if i in scored:
+                    out.prompt_logprobs.append((chunk.request, _score_chunk(chunk, block)))
+                if chunk.last and chunk.request.params.max_tokens != 0:
+                    rows.append(chunk.request)
+                    logits.append(block[-1:])
         decode = plan.decode
         if decode is not None:
             with adapters.mapped(decode.requests):
-                out = self.decode(decode.token_ids, decode.positions)  # [B, V]
+                block = self.decode(decode.token_ids, decode.positions)  # [B, V]
             keep = [i for i, s in enumerate(decode.sampled) if s]
             rows += [decode.requests[i] for i in keep]
-            logits.append(out if len(keep) == len(decode.sampled) else out[keep])
-        if not rows:
-            return []
-        tokens, logprobs = sample(torch.cat(logits), [sampling_of(r) for r in rows])
-        return [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
+            logits.append(block if len(keep) == len(decode.sampled) else block[keep])
+        if rows:
+            tokens, logprobs = sample(torch.cat(logits), [sampling_of(r) for r in rows])
+            out.sampled = [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
+        return out
 
     @torch.inference_mode()
-    def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward; returns last-token logits [N, V].
+    def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int],
+                every_token: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
+        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward; returns logits [K, V]:
+        for each prompt in order, of its last token, or of all its tokens if its index is in every_token
+        (so K = N when every_token is empty).
 
         Prompt i is written at cache positions starts[i].. (after any prefix K/V already
         there). Prompts are right-padded to the longest, T: a padding token's K/V lands
@@ -97,8 +128,9 @@ class ModelRunner:
         kv_len = max(starts) + t
         step = StepInputs(self.cache, slice(first_row, first_row + n), cache_pos, cache_pos, kv_len,
                           self._mask(cache_pos, kv_len))
-        last = torch.tensor([len(p) - 1 for p in prompts], device=self.device)
-        return self.model(ids, step, logits_index=last)
+        wanted = [i * t + j for i, p in enumerate(prompts)
+                  for j in (range(len(p)) if i in every_token else (len(p) - 1,))]
+        return self.model(ids, step, logits_index=torch.tensor(wanted, device=self.device))
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], cache_positions: list[int], rope_positions: list[int] | None = None
@@ -110,7 +142,7 @@ class ModelRunner:
         rope_pos = cache_pos if rope_positions is None else torch.tensor(rope_positions, device=self.device)[:, None]
         kv_len = max(cache_positions) + 1
         step = StepInputs(self.cache, slice(0, b), rope_pos, cache_pos, kv_len, self._mask(cache_pos, kv_len))
-        return self.model(ids, step, logits_index=torch.zeros(b, dtype=torch.long, device=self.device))
+        return self.model(ids, step, logits_index=torch.arange(b, device=self.device))
 
     def apply_moves(self, moves: list[RowMove]) -> None:
         for move in moves:

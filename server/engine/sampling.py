@@ -157,14 +157,21 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if wanted:
-        log_probs = torch.log_softmax(logits[wanted], dim=-1)
-        k = max(rows[i].params.logprobs for i in wanted)
-        top_values, top_ids = log_probs.topk(max(k, 1), dim=-1)
-        for j, i in enumerate(wanted):
-            n = rows[i].params.logprobs
-            logprobs[i] = TokenLogprob(
-                token_id=token_list[i],
-                logprob=float(log_probs[j, token_list[i]]),
-                top=list(zip(top_ids[j, :n].tolist(), top_values[j, :n].tolist())),
-            )
+        entries = token_logprobs(logits[wanted], [token_list[i] for i in wanted],
+                                 [rows[i].params.logprobs for i in wanted])
+        for i, entry in zip(wanted, entries):
+            logprobs[i] = entry
     return token_list, logprobs
+
+
+def token_logprobs(logits: torch.Tensor, token_ids: list[int], top: int | list[int]) -> list[TokenLogprob]:
+    """logits [N, V] (raw) -> for each row, the logprob of token_ids[n] and the `top` (per row, or one for
+    all) most likely tokens with theirs, from log_softmax of the raw logits."""
+    tops = [top] * len(token_ids) if isinstance(top, int) else top
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = log_probs.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(tops, default=0)
+    top_values, top_ids = log_probs.topk(max(k, 1), dim=-1)
+    top_values, top_ids = top_values.tolist(), top_ids.tolist()
+    return [TokenLogprob(token_id=t, logprob=lp, top=list(zip(top_ids[n][:tops[n]], top_values[n][:tops[n]])))
+            for n, (t, lp) in enumerate(zip(token_ids, chosen))]

@@ -228,13 +228,14 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, step: StepInputs, logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits.
 
-        logits_index: [B] index of the token whose logits each row wants (-> [B, V]);
-        None returns logits for every token ([B, T, V], used by golden tests).
+        logits_index: [K] flat indices into the B*T tokens (row-major: row b's token t is
+        b*T + t) whose logits are wanted (-> [K, V]); None returns logits for every token
+        ([B, T, V]). The lm_head runs on those tokens only.
         """
         x = self.model.embed_tokens(input_ids)  # [B, T, E]
         cos, sin = self.rope(step.rope_pos, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, step)
         if logits_index is not None:
-            x = x[torch.arange(x.shape[0]), logits_index]  # [B, E]
+            x = x.reshape(-1, x.shape[-1]).index_select(0, logits_index)  # [K, E]
         return self.lm_head(self.model.norm(x)).float()
