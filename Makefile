@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m server.model.lora_ext
 	touch $(STAMP)
 
-.PHONY: install serve test bench-engine bench-adapters demo
+.PHONY: install serve test bench-engine bench-adapters bench-served demo
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -25,6 +25,11 @@ bench-engine: $(STAMP)
 
 bench-adapters: $(STAMP)
 	$(PY) -m loadtest.bench_adapters $(ARGS)
+
+# adapter-server (default flags but --max-batch 32 --max-adapter-slots 32) through HTTP vs HF/PEFT/engine-only;
+# ARGS=--long-prompt: ITL p99 of running streams while a long prompt joins, with and without chunked prefill
+bench-served: $(STAMP)
+	$(PY) -m loadtest.bench_served $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)

@@ -1,6 +1,6 @@
 """Adapter serving cost, measured in one run against baselines from the same run.
 
-On the ~100M Llama of bench_engine (hidden 768, 12 layers, vocab 32000):
+On the ~134M Llama of bench_engine (hidden 768, 12 layers, vocab 32000):
 - every row a distinct LoRA (r=16 on q,k,v,o), IA3 (k, v, down) or prefix (16
   virtual tokens) adapter, vs base-only rows at the same batch;
 - one hot LoRA adapter, merged into the base, vs base-only;
@@ -8,10 +8,11 @@ On the ~100M Llama of bench_engine (hidden 768, 12 layers, vocab 32000):
 - cold load latency of one adapter from disk into a device slot (p50, p99).
 
 Throughput is generated tokens per second, prefill included, with adapters already
-resident. This machine's speed drifts by 10% or more between runs a minute apart,
-so the variants are interleaved: each round times base, LoRA, IA3, prefix, merged
-(back to back on one engine) and the PEFT peer, in an order rotated per round, and a
-ratio is the median over rounds of (baseline time / variant time) within the round.
+resident, and the KV cache as long as the server's default --max-seq-len. This machine's
+speed drifts by 10% or more between runs a minute apart, so the variants are
+interleaved: each round times base, LoRA, IA3, prefix, merged (back to back on one
+engine) and the PEFT peer, in an order rotated per round, and a ratio is the median
+over rounds of (baseline time / variant time) within the round.
 
     python -m loadtest.bench_adapters [--batches 16 32] [--dtype bfloat16] [--rounds 5]
 """
@@ -31,7 +32,7 @@ import torch
 from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
 from loadtest.adapters_gen import AdapterFactory
-from loadtest.bench_engine import make_model_dir, prompts
+from loadtest.bench_engine import like_the_server, make_model_dir, prompts
 from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams
@@ -39,7 +40,6 @@ from server.model.adapter_layers import write_slot
 from server.model.loader import load_model, parse_dtype
 
 log = logging.getLogger("bench_adapters")
-PROMPT_LEN = 16
 KINDS = ("lora", "ia3", "prefix")
 
 
@@ -60,9 +60,10 @@ class TimedEngine:
 
     def __init__(self, loaded, store: AdapterStore, batch: int, slots: int, new_tokens: int,
                  merge_threshold: float = 0.5):
-        config = EngineConfig(max_batch=batch, max_seq_len=PROMPT_LEN + 16 + new_tokens + 1, max_adapter_slots=slots,
-                              max_lora_rank=16, merge_threshold=merge_threshold, unmerge_threshold=min(
-                                  0.01, merge_threshold), merge_patience=1, merge_min_batch=1)
+        # max_seq_len: the server's default (EngineConfig), as served
+        config = EngineConfig(max_batch=batch, max_adapter_slots=slots, max_lora_rank=16,
+                              merge_threshold=merge_threshold, unmerge_threshold=min(0.01, merge_threshold),
+                              merge_patience=1, merge_min_batch=1)
         self.engine = Engine(loaded, config, store=store)
         self.batch, self.new_tokens, self.merge_threshold = batch, new_tokens, merge_threshold
 
@@ -130,7 +131,8 @@ def ratio_to(times: dict[str, list[float]], name: str, baseline: str = "base") -
 class PeftPeer:
     """PEFT's mixed-batch generate with one distinct LoRA per row, on HF transformers; `seconds()` times one run."""
 
-    def __init__(self, base: Path, lora_paths: list[Path], dtype: torch.dtype, batch: int, new_tokens: int):
+    def __init__(self, base: Path, lora_paths: list[Path], dtype: torch.dtype, batch: int, new_tokens: int,
+                 ids: list[list[int]] | None = None):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -140,7 +142,7 @@ class PeftPeer:
         for name, path in zip(self.names[1:], lora_paths[1:batch]):
             self.peft.load_adapter(path, adapter_name=name)
         self.peft.eval()
-        self.ids = torch.tensor(prompts(batch))
+        self.ids = torch.tensor(prompts(batch) if ids is None else ids)
         self.new_tokens = new_tokens
         self.seconds()  # warm-up
 
@@ -151,13 +153,13 @@ class PeftPeer:
                                      adapter_names=self.names, max_new_tokens=self.new_tokens,
                                      min_new_tokens=self.new_tokens, do_sample=False, pad_token_id=0)
             elapsed = time.perf_counter() - start
-        assert out.shape[1] == PROMPT_LEN + self.new_tokens
+        assert out.shape[1] == self.ids.shape[1] + self.new_tokens
         return elapsed
 
 
 def cold_load_latency(loaded, paths: list[Path], dtype: torch.dtype) -> tuple[float, float]:
     """Seconds from reading an adapter's files to its weights sitting in a device slot (p50, p99)."""
-    engine = Engine(loaded, EngineConfig(max_batch=1, max_seq_len=64, max_adapter_slots=1, max_lora_rank=16),
+    engine = Engine(loaded, EngineConfig(max_batch=1, max_adapter_slots=1, max_lora_rank=16),
                     store=AdapterStore(Path(tempfile.mkdtemp())))
     base = BaseSpec.from_hf_config(loaded.hf_config, loaded.name)
     layers = engine.adapters.layers
@@ -202,8 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    like_the_server(_run, args, threads=args.threads)
+
+
+def _run(args) -> None:
     dtype = parse_dtype(args.dtype)
     results: dict = {"dtype": args.dtype, "new_tokens": args.new_tokens, "threads": torch.get_num_threads(),
                      "rounds": args.rounds, "rows": []}

@@ -152,3 +152,43 @@ def _usage(result: Result, usage: dict | None) -> None:
     if usage:
         result.completion_tokens = int(usage.get("completion_tokens") or 0)
         result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+
+
+def openai_client(base_url: str, timeout: float = 600.0):
+    """An ``openai.AsyncOpenAI`` for the server at ``base_url`` (no retries: a failure is a result)."""
+    from openai import AsyncOpenAI
+
+    return AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", timeout=timeout, max_retries=0)
+
+
+async def complete_openai(client, index: int, spec: RequestSpec, base_model: str,
+                          result: Result | None = None) -> Result:
+    """``complete`` through the OpenAI SDK: a streamed completion, the adapter and ``ignore_eos`` in
+    ``extra_body``, greedy; chunk timestamps as in ``complete`` (``result``, if given, fills in as the
+    stream goes). Never raises for API errors."""
+    import openai
+
+    if result is None:
+        result = Result(index=index, adapter=spec.adapter, kind=spec.kind, sent=0.0)
+    result.expected_tokens, result.sent = spec.max_tokens, time.perf_counter()
+    extra = {"ignore_eos": True, **({"adapter": spec.adapter} if spec.adapter else {})}
+    parts = []
+    try:
+        stream = await client.completions.create(model=base_model, prompt=spec.prompt, max_tokens=spec.max_tokens,
+                                                 temperature=0.0, stream=True, stream_options={"include_usage": True},
+                                                 extra_body=extra)
+        async for chunk in stream:
+            text = "".join(c.text or "" for c in chunk.choices)
+            if text:
+                result.chunk_times.append(time.perf_counter())
+                parts.append(text)
+            if chunk.usage:
+                result.completion_tokens = chunk.usage.completion_tokens
+                result.prompt_tokens = chunk.usage.prompt_tokens
+        result.ok, result.status = True, 200
+    except openai.APIError as exc:
+        result.status = getattr(exc, "status_code", 0) or 0
+        result.error = f"{type(exc).__name__}: {exc}"[:300]
+    result.done = time.perf_counter()
+    result.text = "".join(parts)
+    return result

@@ -178,3 +178,12 @@ def _health_model(response: httpx.Response) -> str | None:
 def _served_name(model: Path) -> str:
     """The base model's name as our server reports it (the checkpoint directory's name)."""
     return Path(model).name
+
+
+def default_server(model: Path, store_dir: Path, log_path: Path, flags: list[str] | None = None) -> ServerProcess:
+    """``adapter-server`` with its default flags except ``--model``, ``--adapter-dir`` (the benchmark's store),
+    ``--port`` (a free one) and ``flags``; ``argv`` states every flag passed."""
+    port = free_port()
+    argv = [sys.executable, "-m", "server.cli", "--model", str(model), "--adapter-dir", str(store_dir),
+            "--port", str(port), *(flags or [])]
+    return ServerProcess("adapter-server", argv, port, log_path, base_model=_served_name(model))

@@ -93,3 +93,19 @@ def cache_hit_rate(before: dict[str, float], after: dict[str, float]) -> dict[st
     misses = after[CACHE_MISSES] - before[CACHE_MISSES]
     return {"adapter_cache_hits": hits, "adapter_cache_misses": misses,
             "adapter_cache_hit_rate": hits / (hits + misses) if hits + misses else None}
+
+
+def percentiles(values: list[float], prefix: str) -> dict[str, float | None]:
+    """``<prefix>_p50``, ``<prefix>_p99`` and ``<prefix>_mean`` of ``values`` (None when there are none)."""
+    return _pcts(values, prefix)
+
+
+def batch_summary(results: list, wall: float) -> dict:
+    """One batch of requests started together: generated tokens / wall time, TTFT and ITL percentiles."""
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.completion_tokens for r in ok)
+    out = {"requests": len(results), "failed": len(results) - len(ok), "tokens": tokens, "wall_s": wall,
+           "tok_s": tokens / wall if wall > 0 else None}
+    out.update(_pcts([r.ttft for r in ok if r.ttft is not None], "ttft"))
+    out.update(_pcts([g for r in ok for g in r.gaps], "itl"))
+    return out

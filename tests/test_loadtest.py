@@ -124,3 +124,83 @@ def test_harness_end_to_end(builtin_model_dir, tmp_path):
     for png in ("throughput_vs_adapters.png", "latency_vs_adapters.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not (out / "work").exists()  # generated adapters removed
+
+
+def test_served_ratios_targets_and_tables():
+    """bench_served's pure parts: medians of within-round ratios, targets, the tables, /metrics merge state."""
+    from loadtest import served
+    from server.metrics import Metrics
+
+    def rnd(scale: float) -> dict:  # one round: tok/s per system/variant, everything drifting together
+        tok = {"served/base": 100, "served/lora": 95, "served/ia3": 90, "served/prefix": 99, "served/mix": 97,
+               "served/merged": 100, "engine/base": 105, "hf/base": 70, "peft/lora": 20}
+        return {k: {"tok_s": v * scale, "ttft_p50": 0.1, "itl_p99": 0.2, "failed": 0} for k, v in tok.items()}
+
+    rounds = [rnd(1.0), rnd(0.7), rnd(1.3)]
+    for r in rounds:
+        r["served/merged"]["merged_throughout"] = True
+    assert served.median_ratio(rounds, "served/lora", "served/base") == pytest.approx(0.95)
+    assert served.median_ratio(rounds, "served/lora", "missing") is None
+    rows = served.summarize_rounds(rounds, list(rounds[0]))
+    assert rows[0]["tok_s"] == 100 and rows[0]["vs_served/base"] == pytest.approx(1.0)
+    assert next(r for r in rows if r["name"] == "served/merged")["merged_throughout"] is True
+    rounds[1]["served/merged"]["merged_throughout"] = False  # one round not merged: the row says so
+    assert not next(r for r in served.summarize_rounds(rounds, ["served/merged"]))["merged_throughout"]
+    met = {t["ratio"]: t["met"] for t in served.check_targets(rounds)}
+    assert met["served/base / hf/base"] is True and met["served/ia3 / served/base"] is False
+    assert met["served/lora / peft/lora"] is True and met["served/base / engine/base"] is True
+    text = served.table(rows, served.check_targets(rounds))
+    assert "| served/merged (merged) | 100 |" in text and "| served/ia3 / served/base | 0.9 | 0.95 | NO |" in text
+    long = served.long_table({"chunked": {"itl_p99_alone": 0.1, "itl_p99_joined": 0.15, "ratio": 1.5,
+                                          "long_ttft": 2.0}})
+    assert "| chunked | 0.1 | 0.15 | 1.5 | 2.0 | yes | 2 |" in long
+    trials = [{"alone": {"itl_p99": a}, "joined": {"itl_p99": j, "long_ttft": 1.0}} for a, j in ((0.1, 0.3), (0.2, 0.2))]
+    assert served.long_summary(trials)["ratio"] == pytest.approx(2.0) and served.long_summary(trials)["long_ttft"] == 1
+
+    metrics = Metrics()
+    metrics.merge_events.labels(action="merge").inc(2)
+    metrics.merge_events.labels(action="unmerge").inc()
+    metrics.merged_adapters.set(1)
+    assert served.merge_state(metrics.render()[0].decode()) == {"merges": 2.0, "unmerges": 1.0, "merged": 1.0}
+
+
+def test_gaps_in_window():
+    from loadtest.client import Result
+    from loadtest.served import gaps_in_window
+
+    r = Result(index=0, adapter=None, kind="base", sent=0.0, chunk_times=[1.0, 1.1, 2.5, 2.6, 4.0])
+    assert gaps_in_window([r], 1.5, 2.55) == pytest.approx([1.4, 0.1])  # the stall across the window counts
+    assert gaps_in_window([r], 5.0, 6.0) == []
+
+
+def test_kv_write_micro_benchmark():
+    """The KV write micro-benchmark of bench-engine (ours vs the old scatter_, checked equal), tiny sizes."""
+    import torch
+
+    from loadtest.bench_engine import bench_kv_write
+
+    row = bench_kv_write(torch.float32, seq_len=16, new_tokens=4, batch=2, min_seconds=0.0)
+    assert row["T"] == 4 and row["S"] == 16 and row["index_put_ms"] > 0 and row["scatter_ms"] > 0
+    assert bench_kv_write(torch.bfloat16, seq_len=8, new_tokens=128, batch=2, min_seconds=0.0)["T"] == 8
+
+
+def test_openai_batch_and_merge_state_on_a_live_server(live):
+    """The OpenAI-client batch bench_served times, with an adapter in extra_body and ignore_eos."""
+    import asyncio
+
+    from loadtest import served
+    from loadtest.stats import batch_summary
+    from loadtest.workload import RequestSpec
+
+    import httpx
+
+    model = httpx.get(live.url + "/health").json()["model"]
+    specs = [RequestSpec(None, [5, 6, 7, 8], 6), RequestSpec("lora-0000", [5, 6, 7, 8], 6)]
+    results, wall = asyncio.run(served.run_batch(live.url, model, specs))
+    assert all(r.ok for r in results), [r.error for r in results]
+    assert [r.completion_tokens for r in results] == [6, 6]
+    summary = batch_summary(results, wall)
+    assert summary["tokens"] == 12 and summary["failed"] == 0 and summary["tok_s"] > 0
+    assert served.scrape_merge_state(live.url)["merged"] == 0
+    bad, _ = asyncio.run(served.run_batch(live.url, model, [RequestSpec("no-such-adapter", [5], 2)]))
+    assert not bad[0].ok and bad[0].status == 404

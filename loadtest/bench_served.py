@@ -1,0 +1,252 @@
+"""The served benchmark: `adapter-server` with its default flags, measured through HTTP with OpenAI clients.
+
+The server runs as a subprocess with every flag at its default except `--max-batch 32
+--max-adapter-slots 32` and `--model DIR`, plus `--adapter-dir` (a fresh store holding the
+benchmark's adapters) and `--port` (a free one); the exact argv is printed and written to
+the JSON. It picks its dtype itself (`--dtype auto`); the peers use the dtype
+`server.engine.factory.resolve` gives for the same config, and `--threads` torch threads
+(the server and the engine-only run use torch's default); in-process runs happen in a thread of their
+own, as the server's engine does (`bench_engine.like_the_server`).
+
+`--clients` concurrent AsyncOpenAI streams, `--new-tokens` each (`ignore_eos`), started
+together; tok/s = generated tokens / wall time of that batch. Variants: base; every client a
+distinct LoRA (r=16 on q,k,v,o); a distinct IA3; a distinct prefix (16 virtual tokens); a
+mix (base, LoRA, IA3, prefix in turn); all clients on one hot LoRA, which the server's
+default merge policy merges (warmed up until /metrics says so). Each variant is warmed up
+(its adapters loaded into slots, the merge state it needs reached) before it is timed.
+In the same rounds: the engine in-process (`Engine.generate`, the server's resolved config),
+HF `generate` on the base and PEFT's mixed-batch `generate(adapter_names=...)` on the same
+LoRAs. Rounds rotate the order; every ratio is the median over rounds of the ratio within one
+round (this machine drifts 10-30% between runs minutes apart).
+
+`--long-prompt`: ITL p99 of `--streams` running streams while one `--long-tokens` prompt
+joins, against the same streams alone, on a server with `--max-prefill-tokens --chunk`
+(chunked prefill) and one with `--max-prefill-tokens --no-chunk`.
+
+    python -m loadtest.bench_served                    # make bench-served
+    python -m loadtest.bench_served --long-prompt      # make bench-served ARGS=--long-prompt
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from loadtest import served
+from loadtest.adapters_gen import AdapterFactory, register
+from loadtest.bench_adapters import PeftPeer
+from loadtest.bench_engine import HFGenerate, like_the_server
+from loadtest.harness import machine, resolve_model
+from loadtest.servers import default_server
+from loadtest.stats import batch_summary
+from loadtest.workload import RequestSpec, Workload, prompt_id_pool
+from server.config import EngineConfig
+from server.engine.factory import build_engine, resolve
+from server.engine.request import SamplingParams
+from server.model.loader import parse_dtype
+
+log = logging.getLogger("bench_served")
+VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged")
+IN_PROCESS = ("engine/base", "hf/base", "peft/lora")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_served", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="bench", help="'bench' (the ~134M Llama of bench_engine), 'builtin' or a dir")
+    p.add_argument("--clients", type=int, default=32, help="concurrent OpenAI clients (= distinct adapters)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
+    p.add_argument("--slots", type=int, default=32, help="the server's --max-adapter-slots")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the HF and PEFT peers")
+    p.add_argument("--skip-peers", action="store_true", help="leave out HF, PEFT and the engine-only run")
+    p.add_argument("--long-prompt", action="store_true", help="the chunked-prefill benchmark instead")
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--stream-tokens", type=int, default=128)
+    p.add_argument("--long-tokens", type=int, default=900, help="prompt tokens of the prompt that joins")
+    p.add_argument("--join-after", type=int, default=8, help="tokens every stream has before it joins")
+    p.add_argument("--chunk", type=int, default=64, help="--max-prefill-tokens of the chunked server")
+    p.add_argument("--no-chunk", type=int, default=4096, help="--max-prefill-tokens of the unchunked server")
+    p.add_argument("--json", type=Path, default=None,
+                   help="default: docs/benchmarks/served.json (served-long-prompt.json with --long-prompt)")
+    p.add_argument("--work", type=Path, default=None, help="adapters, store and server logs (default: a temp dir)")
+    args = p.parse_args(argv)
+    default = "served-long-prompt.json" if args.long_prompt else "served.json"
+    args.json = args.json or Path("docs/benchmarks") / default
+    return args
+
+
+class Setup:
+    """Model, adapters in a fresh store, prompts, and the server's resolved config."""
+
+    def __init__(self, args, work: Path):
+        self.args, self.work = args, work
+        self.model = resolve_model(args.model)
+        self.store = work / "store"
+        self.config = resolve(EngineConfig(model=str(self.model), max_batch=args.max_batch,
+                                           max_adapter_slots=args.slots, adapter_dir=str(self.store)))
+        self.dtype = self.config.dtype
+        self.pool = prompt_id_pool(self.model)
+        self.flags = ["--max-batch", str(args.max_batch), "--max-adapter-slots", str(args.slots)]
+
+    def prompts(self, n: int, tokens: int, seed: int = 0) -> list[list[int]]:
+        return [s.prompt for s in Workload([], prompt_ids=self.pool, prompt_tokens=tokens, seed=seed).take(n)]
+
+    def adapters(self, n: int) -> dict[str, list]:
+        factory = AdapterFactory(self.model, self.work / "adapters", rank=16, prefix_tokens=16, seed=1)
+        counts = {"lora": n + 1, "ia3": n, "prefix": n}  # one more LoRA: the hot (merged) adapter
+        specs = {kind: [factory.get(kind, i) for i in range(count)] for kind, count in counts.items()}
+        register(self.store, [s for kind in specs.values() for s in kind])
+        return specs
+
+    def server(self, name: str, extra: list[str] | None = None):
+        return default_server(self.model, self.store, self.work / "logs" / f"{name}.log", self.flags + (extra or []))
+
+
+def variants(specs: dict[str, list], prompts: list[list[int]], new_tokens: int) -> dict[str, list[RequestSpec]]:
+    n = len(prompts)
+    hot = specs["lora"][n].name  # an adapter of its own: never one of the distinct LoRAs
+    kinds = [None, "lora", "ia3", "prefix"]
+    names = {"base": [None] * n, "merged": [hot] * n,
+             "mix": [None if kinds[i % 4] is None else specs[kinds[i % 4]][i].name for i in range(n)],
+             **{kind: [specs[kind][i].name for i in range(n)] for kind in ("lora", "ia3", "prefix")}}
+    return {f"served/{v}": [RequestSpec(a, p, new_tokens) for a, p in zip(names[v], prompts)] for v in VARIANTS}
+
+
+def warm(srv, specs: list[RequestSpec], want_merged: bool, tries: int = 4) -> dict:
+    """Untimed batches of the variant until its adapters sit in slots and the merge state is the one wanted."""
+    state = served.scrape_merge_state(srv.url)
+    long_enough = EngineConfig().merge_patience + 8  # steps the default merge policy needs to change its mind
+    for _ in range(tries):
+        tokens = long_enough if (state["merged"] > 0) != want_merged else 4
+        asyncio.run(served.run_batch(srv.url, srv.base_model, [replace(s, max_tokens=tokens) for s in specs]))
+        state = served.scrape_merge_state(srv.url)
+        if (state["merged"] > 0) == want_merged:
+            break
+    return state
+
+
+def timed_served(srv, specs: list[RequestSpec], merged: bool) -> dict:
+    before = warm(srv, specs, want_merged=merged)
+    results, wall = asyncio.run(served.run_batch(srv.url, srv.base_model, specs))
+    after = served.scrape_merge_state(srv.url)
+    out = batch_summary(results, wall)
+    if merged:
+        out["merged_throughout"] = bool(before["merged"] and after["merged"] and after["unmerges"] == before["unmerges"])
+    errors = {r.error for r in results if not r.ok}
+    if errors:
+        log.warning("failed requests: %s", sorted(errors)[:3])
+    return out
+
+
+def in_process_peers(setup: Setup, specs: dict[str, list], prompts: list[list[int]], args) -> tuple[dict, int]:
+    """(name -> a function timing one batch in this process at its thread count, torch's default threads)."""
+    default_threads, dtype, n = torch.get_num_threads(), parse_dtype(setup.dtype), len(prompts)
+    torch.set_num_threads(args.threads)
+    hf = HFGenerate(setup.model, dtype, prompts, args.new_tokens)
+    peft = PeftPeer(setup.model, [s.path for s in specs["lora"][:n]], dtype, n, args.new_tokens, ids=prompts)
+    torch.set_num_threads(default_threads)
+    engine = build_engine(setup.config)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+
+    def engine_seconds(tokens: int = args.new_tokens) -> float:
+        requests = [engine.make_request(p, replace(params, max_tokens=tokens)) for p in prompts]
+        start = time.perf_counter()
+        engine.generate(requests)
+        return time.perf_counter() - start
+
+    engine_seconds(4)  # warm-up
+
+    def at(threads: int, seconds):
+        def run() -> dict:
+            torch.set_num_threads(threads)
+            try:
+                wall = seconds()
+            finally:
+                torch.set_num_threads(default_threads)
+            return {"wall_s": wall, "tok_s": n * args.new_tokens / wall}
+        return run
+
+    return {"engine/base": at(default_threads, engine_seconds), "hf/base": at(args.threads, hf.seconds),
+            "peft/lora": at(args.threads, peft.seconds)}, default_threads
+
+
+def run_main(args, setup: Setup) -> dict:
+    prompts = setup.prompts(args.clients, args.prompt_tokens)
+    specs = setup.adapters(args.clients)
+    work = variants(specs, prompts, args.new_tokens)
+    peers, threads = ({}, torch.get_num_threads()) if args.skip_peers else in_process_peers(setup, specs, prompts, args)
+    names = list(work) + list(peers)
+    rounds = []
+    with setup.server("served") as srv:
+        print("server:", " ".join(srv.argv), flush=True)
+        for r in range(args.rounds):
+            row = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                row[name] = peers[name]() if name in peers else timed_served(srv, work[name], name == "served/merged")
+                print(f"round {r + 1} {name}: {row[name]['tok_s']:.1f} tok/s", flush=True)
+            rounds.append(row)
+    summary = served.summarize_rounds(rounds, names)
+    targets = served.check_targets(rounds)
+    print(served.table(summary, targets))
+    return {"server_argv": srv.argv, "in_process_threads": {"engine/base": threads, "hf/base": args.threads,
+                                                             "peft/lora": args.threads},
+            "rounds": rounds, "summary": summary, "targets": targets}
+
+
+def run_long(args, setup: Setup) -> dict:
+    streams = [RequestSpec(None, p, args.stream_tokens) for p in setup.prompts(args.streams, args.prompt_tokens)]
+    long = RequestSpec(None, setup.prompts(1, args.long_tokens, seed=1)[0], 4)
+    configs, argvs = {}, {}
+    for name, chunk in (("chunked", args.chunk), ("unchunked", args.no_chunk)):
+        with setup.server(name, ["--max-prefill-tokens", str(chunk)]) as srv:
+            print("server:", " ".join(srv.argv), flush=True)
+            argvs[name] = srv.argv
+            trial = lambda joined: asyncio.run(served.long_prompt_trial(  # noqa: E731
+                srv.url, srv.base_model, streams, long if joined else None, args.join_after))
+            trial(True)  # warm-up
+            rounds = []
+            for r in range(args.rounds):
+                order = (False, True) if r % 2 == 0 else (True, False)
+                rounds.append({("joined" if j else "alone"): trial(j) for j in order})
+                print(f"{name} round {r + 1}: " + json.dumps({k: v["itl_p99"] for k, v in rounds[-1].items()}))
+        configs[f"{name} (--max-prefill-tokens {chunk})"] = served.long_summary(rounds)
+    print(served.long_table(configs))
+    return {"server_argv": argvs, "configs": configs}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        setup = Setup(args, work)
+        print(f"model {setup.model}; server dtype (resolved) {setup.dtype}; flags besides --model, --adapter-dir "
+              f"and --port: {' '.join(setup.flags)}; peers: {args.threads} torch threads; server and engine-only: "
+              f"torch's default ({torch.get_num_threads()} here)", flush=True)
+        # everything in-process (peers, engine-only, clients) runs like the server's engine (see like_the_server)
+        result = like_the_server(run_long if args.long_prompt else run_main, args, setup)
+    result = {"command": "python -m loadtest.bench_served " + " ".join(sys.argv[1:] if argv is None else argv),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+              "wall_s": round(time.time() - started, 1), "machine": machine(), "dtype": setup.dtype,
+              "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "engine_config": asdict(setup.config), **result}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1, default=str))
+    print(f"json: {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
