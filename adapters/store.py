@@ -109,7 +109,8 @@ def validate_name(name: str) -> str:
 def _copy_file(src: Path, dst: Path) -> str:
     """Copy ``src`` to ``dst``, fsync it, and return the sha256 of the bytes written."""
     digest = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
+    # O_NOFOLLOW: a file swapped for a symbolic link after the caller's checks is refused, not followed
+    with os.fdopen(os.open(src, os.O_RDONLY | os.O_NOFOLLOW), "rb") as fin, open(dst, "xb") as fout:
         while chunk := fin.read(_CHUNK):
             digest.update(chunk)
             fout.write(chunk)

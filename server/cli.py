@@ -78,6 +78,9 @@ def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
                    metavar="SECONDS", help="abort a request after this long (0: never)")
     p.add_argument("--max-upload-bytes", type=int, default=_env("max_upload_bytes", s.max_upload_bytes),
                    help="largest adapter upload accepted (413 beyond)")
+    p.add_argument("--adapter-load-root", default=_env("adapter_load_root", s.adapter_load_root), metavar="DIR",
+                   help="let admins load adapters by server-side path (vLLM's POST /v1/load_lora_adapter) from "
+                        "under DIR only; default: off")
     p.add_argument("--max-adapter-labels", type=int, default=_env("max_adapter_labels", s.max_adapter_labels),
                    help="adapters named in metric labels; the rest are counted as __other__")
 
@@ -104,7 +107,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
                           api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
                           admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),
                           api_key_file=a.api_key_file, request_timeout=a.request_timeout or None,
-                          max_upload_bytes=a.max_upload_bytes, max_adapter_labels=a.max_adapter_labels)
+                          max_upload_bytes=a.max_upload_bytes, max_adapter_labels=a.max_adapter_labels,
+                          adapter_load_root=a.adapter_load_root)
     from server.api.auth import load_keys
 
     try:

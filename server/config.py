@@ -41,3 +41,4 @@ class ServerConfig:
     request_timeout: float | None = 600.0  # seconds from arrival to the last token; None = no limit
     max_upload_bytes: int = 1 << 30   # one adapter upload (multipart body), beyond it 413
     max_adapter_labels: int = 20      # adapters named in metric labels; later ones are counted as __other__
+    adapter_load_root: str | None = None  # POST /v1/load_lora_adapter reads only under this dir; None = off

@@ -7,6 +7,7 @@ tokenizer, engine outputs (token ids, text, logprobs) become OpenAI-shaped JSON.
 * ``GET /v1/models[/{id}]`` (:mod:`.models`)
 * ``POST /tokenize``, ``POST /detokenize`` (:mod:`.tokenize`, vLLM's shapes)
 * ``/v1/adapters`` upload / list / get / delete (:mod:`.adapter_admin`, admin scope)
+* ``POST /v1/load_lora_adapter``, ``/v1/unload_lora_adapter`` (:mod:`.lora_paths`, vLLM's, admin scope)
 * ``GET /health``, ``GET /metrics`` (:mod:`.monitoring`, open)
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import adapter_admin, chat, completions, models, monitoring, tokenize
+from server.api import adapter_admin, chat, completions, lora_paths, models, monitoring, tokenize
 from server.api.auth import AuthMiddleware, load_keys
 from server.api.context import ServerContext
 from server.api.errors import install_error_handlers
@@ -59,6 +60,6 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(AuthMiddleware, keys=keys)
     app.add_middleware(monitoring.RequestMetricsMiddleware, metrics=metrics)  # outermost: counts 401/403 too
-    for module in (completions, chat, models, tokenize, adapter_admin, monitoring):
+    for module in (completions, chat, models, tokenize, adapter_admin, lora_paths, monitoring):
         app.include_router(module.router)
     return app

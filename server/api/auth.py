@@ -6,7 +6,7 @@ blank lines and ``#`` comments are ignored). Clients send ``Authorization: Beare
 the OpenAI clients do) or ``X-API-Key: KEY``. With no keys configured, every client has every
 scope. The check is an ASGI middleware, so it runs before any request body is read:
 
-* ``/v1/adapters...``: admin scope;
+* ``/v1/adapters...``, ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``: admin scope;
 * any other ``/v1/...`` path, and ``/tokenize``, ``/detokenize`` (vLLM's paths): inference scope;
 * everything else (``/health``, ``/metrics``, the docs): open.
 
@@ -27,6 +27,7 @@ ADMIN, INFERENCE = "admin", "inference"
 ADMIN_PREFIX = "/v1/adapters"
 PROTECTED_PREFIX = "/v1/"
 INFERENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
+ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})  # vLLM's runtime adapter loading
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ def request_key(scope: Scope) -> str | None:
 
 
 def required_scope(path: str) -> str | None:
-    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/") or path in ADMIN_PATHS:
         return ADMIN
     if path.startswith(PROTECTED_PREFIX) or path in INFERENCE_PATHS:
         return INFERENCE

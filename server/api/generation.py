@@ -34,8 +34,19 @@ class ClientDisconnected(Exception):
 
 
 def resolve_adapter(ctx: ServerContext, model: str | None, adapter: str | None) -> str | None:
-    """The adapter a request asks for, or None for the base model; 404 if it is not stored."""
+    """The adapter a request asks for, or None for the base model; 404 if it is not stored.
+
+    In order: the ``adapter`` field; ``model`` as ``<base>:<adapter>`` (the addressing tools built for
+    SGLang and Ray Serve LLM use; adapter names never hold ':'); ``model`` naming an adapter; else the base.
+    """
     engine = ctx.engine
+    if not adapter and model and ":" in model:
+        base, _, adapter = model.partition(":")
+        if base != engine.model_name:
+            raise APIError(404, f"model {model!r} not found: {base!r} is not this server's base model "
+                           f"{engine.model_name!r}", param="model", code="model_not_found")
+        if not adapter:
+            raise APIError(400, f"model {model!r} names no adapter after ':'", param="model")
     if adapter:
         if not _stored(ctx, adapter):
             raise APIError(404, f"adapter {adapter!r} not found", param="adapter", code="adapter_not_found")
@@ -59,11 +70,14 @@ def _stored(ctx: ServerContext, name: str) -> bool:
     return True
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
+    """The engine's parameters; ``prompt_logprobs`` (completions' echo with logprobs) scores the prompt too."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                           seed=body.seed, stop=stop, stop_token_ids=tuple(body.stop_token_ids or ()),
-                          ignore_eos=body.ignore_eos, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                          ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                          presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
                           min_p=body.min_p, min_tokens=body.min_tokens, logit_bias=body.logit_bias_pairs)
 
