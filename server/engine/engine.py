@@ -16,6 +16,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,7 @@ from server.engine.request import QueueFull, Request, RequestError, RequestOutpu
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampling import RowSampling, make_generator
 from server.engine.scheduler import Scheduler, StepPlan
+from server.engine.streams import LoopMailbox, RequestStream
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
@@ -82,6 +84,7 @@ class Engine:
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> LoopMailbox
         self.steps = 0
 
     # ---- text (any thread) ----
@@ -144,9 +147,13 @@ class Engine:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
-    def stream(self, request: Request) -> "RequestStream":
+    def stream(self, request: Request) -> RequestStream:
         """Submit from inside an event loop and iterate the outputs asynchronously."""
-        stream = RequestStream(self, request)
+        loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = LoopMailbox(loop)
+        stream = RequestStream(request, mailbox, self.abort)
         self.submit(request, stream.push)
         return stream
 
@@ -172,6 +179,7 @@ class Engine:
                 self._wake.wait()
             self._wake.clear()
             self._drain_inbox()
+            self._deliver()
             if self.scheduler.has_work():
                 try:
                     self.step()
@@ -180,6 +188,12 @@ class Engine:
                     for tracked in list(self._tracked.values()):
                         if tracked.request.status is Status.RUNNING:
                             self._finish(tracked, "error", error=f"internal error: {exc}")
+                self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand this step's outputs to the event loops waiting for them: one wake-up per loop per step."""
+        for mailbox in list(self._mailboxes.values()):
+            mailbox.deliver()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -303,38 +317,6 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting) + self._inbox.qsize()
-
-
-class RequestStream:
-    """Async iterator over one request's outputs; closing it early aborts the request."""
-
-    def __init__(self, engine: Engine, request: Request):
-        self.engine = engine
-        self.request = request
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.finished = False
-
-    def push(self, output: RequestOutput) -> None:  # engine thread
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, output)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        output = await self.queue.get()
-        self.finished = output.finished
-        return output
-
-    def abort(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.engine.abort(self.request.request_id)
 
 
 def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
