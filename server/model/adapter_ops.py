@@ -28,6 +28,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
 
     Paths, chosen by measurement on CPU:
     - every row on one slot (prefill of one request, a one-adapter batch): two plain matmuls;
+    - CUDA with triton installed: the SGMV kernels of triton_ops (any T);
     - decode (T = 1) on CPU with the compiled kernel: each row reads its factors
       straight from the slot tensors, rows in parallel, no gathered copies, the delta
       accumulated into y in fp32;
@@ -36,6 +37,8 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     if uniform_slot is not None or slot_of_row.numel() == 1:
         s = int(slot_of_row[0]) if uniform_slot is None else uniform_slot
         return y + (x @ lora_a[s, :rank].t()) @ lora_b[s, :rank] if s else y
+    if x.is_cuda and _triton_ops():
+        return _triton_ops().add_lora(y, x, lora_a, lora_b, slot_of_row, rank, slot_rank)
     if x.device.type == "cpu" and x.shape[1] == 1:
         kernel = lora_ext.kernel()
         if kernel is not None:
@@ -50,6 +53,17 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b)  # [N, T, R] @ [N, R, O]
 
 
+_triton = None  # server.model.triton_ops once checked usable, False if not (checked at the first CUDA call)
+
+
+def _triton_ops():
+    global _triton
+    if _triton is None:
+        from server.model import triton_ops
+        _triton = triton_ops if triton_ops.available() else False
+    return _triton
+
+
 def lora_delta_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                          slot_of_row: torch.Tensor) -> torch.Tensor:
     """The delta add_lora adds, one row at a time, full padded rank (for tests)."""
@@ -57,7 +71,9 @@ def lora_delta_reference(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
 
 
 def row_scale(y: torch.Tensor, scales: torch.Tensor, slot_of_row: torch.Tensor) -> torch.Tensor:
-    """IA3: y [N, T, F] * scales[slot_of_row] [N, 1, F]; slot rows without IA3 hold ones."""
+    """IA3: y [N, T, F] * scales[slot_of_row] [N, 1, F]; slot rows without IA3 hold ones (CUDA: triton_ops)."""
     if slot_of_row.numel() == 1:
         return y * scales[int(slot_of_row[0])]
+    if y.is_cuda and _triton_ops():
+        return _triton_ops().row_scale(y, scales, slot_of_row)
     return y * scales.index_select(0, slot_of_row)[:, None, :]
