@@ -171,7 +171,7 @@ def test_inspect_adapter_dir(tmp_path):
     info = inspect_adapter_dir(path)
     assert info == {"kind": "lora", "peft_type": "LORA", "rank": 6, "target_modules": ["q_proj", "v_proj"],
                     "base_model": None, "num_virtual_tokens": 0}
-    edit_config(path, use_dora=True)
+    edit_config(path, use_dora="yes")
     with pytest.raises(AdapterError, match="use_dora"):
         inspect_adapter_dir(path)
 
@@ -225,7 +225,6 @@ def test_corrupt_files(tmp_path):
 
 
 @pytest.mark.parametrize("peft_kw, match", [
-    (dict(use_dora=True), "use_dora"),
     (dict(modules_to_save=["lm_head"]), "modules_to_save"),
     (dict(bias="lora_only"), "bias='lora_only'"),
     (dict(lora_bias=True), "lora_bias"),
@@ -332,7 +331,7 @@ def test_ia3_equals_peft(tmp_path, arch):
     randomize_ia3(model)
     model.save_pretrained(tmp_path / "ia3")
     ad = load_adapter(tmp_path / "ia3", spec(arch), max_rank=8)
-    assert ad.kind == "ia3" and ad.rank == 0 and not ad.lora and ad.prefix is None
+    assert ad.kind == "ia3" and ad.rank == 0 and ad.layer_state == {"ia3"} and ad.prefix_kv() is None
     assert ad.ia3_feedforward == frozenset({"down_proj"})
     assert ad.target_modules == ("down_proj", "k_proj", "v_proj")
     n = 0
@@ -381,7 +380,7 @@ def test_prefix_layout_equals_peft_get_prompt(tmp_path, arch, projection):
     _, path = save_peft(tmp_path, cfg, arch=arch)
     s = spec(arch)
     ad = load_adapter(path, s, max_rank=8)
-    assert ad.kind == "prefix" and ad.num_virtual_tokens == 5 and not ad.lora and not ad.ia3
+    assert ad.kind == "prefix" and ad.num_virtual_tokens == 5 and not ad.layer_state and not ad.mergeable
     assert ad.prefix.shape == (s.num_layers, 2, s.num_kv_heads, 5, s.head_dim) == (2, 2, 2, 5, 32)
     assert ad.nbytes == ad.prefix.nbytes
     # what PEFT itself writes into the KV cache when it serves the saved adapter

@@ -7,8 +7,10 @@ be had (`try_acquire`); copying into the slot happens then, on the engine thread
 Slots are reference-counted by running rows, evicted LRU when unreferenced, and
 the hot adapter, when merged, is pinned.
 
-Every adapter kind takes a slot: LoRA and IA3 weights live in the layers' slot
-tensors, prefix K/V in `prefix_kv[slot]` on the device. Keys are versions
+Every adapter kind (adapters.kinds) takes a slot: the adapter writes its per-layer state
+(LoRA, IA3, DoRA) into the layers' slot tensors itself, and its prefix K/V, if any, live in
+`prefix_kv[slot]` on the device. The pool never branches on a kind's name: it reads the
+kind's `layer_state` (which any_* flags a forward needs) and `mergeable`. Keys are versions
 (`name@sha256-prefix`) so that a replaced adapter never serves stale weights to
 new requests while old requests finish on the old ones.
 """
@@ -23,18 +25,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from adapters.format import Adapter, BaseSpec, load_adapter
 from adapters.store import AdapterRecord, AdapterStore
 from server.engine.merge_policy import MergeDecision, MergePolicy
 from server.engine.request import AdmissionFailed, Request
 from server.engine.slots import SlotTable
 from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
-from server.model.packed_linear import PackedLinear, packing_available
+from server.model.merge import merge_slot, unmerge
 
 log = logging.getLogger(__name__)
-MERGEABLE = ("lora", "ia3")  # kinds whose delta folds into the weights (prefix K/V does not)
 
 
 class AdapterLoadFailed(AdmissionFailed):
@@ -46,6 +45,8 @@ class _SlotInfo:
     key: str
     kind: str
     rank: int
+    layer_state: frozenset[str]  # per-layer state the adapter wrote ("lora", "ia3", "dora")
+    mergeable: bool
 
 
 def version_key(record: AdapterRecord) -> str:
@@ -65,8 +66,7 @@ class AdapterPool:
         self.merge_policy = merge_policy
         mapping.owner = self  # the slot tensors are this pool's now; an older pool on this model must stop
         mapping.active = False
-        for layer in layers.values():  # an older pool's merge must not leak into this one
-            layer.merged = None
+        unmerge(layers)  # an older pool's merge must not leak into this one
         self.merged_slot = 0
         self.metrics = None
         self._cpu: OrderedDict[str, Adapter] = OrderedDict()
@@ -174,8 +174,9 @@ class AdapterPool:
         m.slot_of_row = torch.tensor(effective, dtype=torch.long, device=self.device)
         m.slots_present = frozenset(effective)
         m.uniform_slot = effective[0] if len(m.slots_present) == 1 else None
-        m.any_lora = any(i.kind == "lora" for i in infos)
-        m.any_ia3 = any(i.kind == "ia3" for i in infos)
+        m.any_lora = any("lora" in i.layer_state for i in infos)
+        m.any_ia3 = any("ia3" in i.layer_state for i in infos)
+        m.any_dora = any("dora" in i.layer_state for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
         m.merged_slot = merged
         m.merged_correction = torch.tensor(others, dtype=torch.long, device=self.device) if others else None
@@ -188,7 +189,7 @@ class AdapterPool:
         """Feed the merge policy with this step's rows; performs a merge or unmerge it decides."""
         if self.merge_policy is None:
             return None
-        mergeable = [self.slot_info[r.slot].key if r.slot and self.slot_info[r.slot].kind in MERGEABLE else None
+        mergeable = [self.slot_info[r.slot].key if r.slot and self.slot_info[r.slot].mergeable else None
                      for r in rows]
         decision = self.merge_policy.observe(mergeable)
         if decision is not None:
@@ -219,10 +220,11 @@ class AdapterPool:
     def _write(self, slot: int, key: str, adapter: Adapter) -> None:
         write_slot(self.layers, slot, adapter)
         self.prefix_kv.pop(slot, None)
-        if adapter.prefix is not None:
-            prefix = adapter.prefix.to(device=self.device, dtype=self.dtype)
+        prefix = adapter.prefix_kv()
+        if prefix is not None:
+            prefix = prefix.to(device=self.device, dtype=self.dtype)
             self.prefix_kv[slot] = (prefix[:, 0], prefix[:, 1])
-        self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank)
+        self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank, adapter.layer_state, adapter.mergeable)
         self._gauge()
 
     def _apply_retirements(self) -> None:
@@ -243,14 +245,10 @@ class AdapterPool:
             if slot is None:
                 return
             self.table.pin(decision.key)
-            for layer in self.layers.values():
-                folded = layer.folded(slot)
-                if folded is not None:
-                    layer.merged = _dense_linear(*folded, self.device, getattr(layer.base, "batch_hint", 16))
+            merge_slot(self.layers, slot, self.device)
             self.merged_slot = slot
         else:
-            for layer in self.layers.values():
-                layer.merged = None
+            unmerge(self.layers)
             self.table.unpin(decision.key)
             self.merged_slot = 0
         log.info("%sd adapter %s", decision.action, decision.key)
@@ -266,16 +264,3 @@ class AdapterPool:
         if self.metrics is not None:
             self.metrics.adapter_slots_in_use.set(self.table.in_use)
 
-
-def _dense_linear(weight: torch.Tensor, bias: torch.Tensor | None, device: torch.device,
-                  batch_hint: int) -> nn.Module:
-    """A compute-dtype linear holding a merged weight (never re-quantized)."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=device, dtype=weight.dtype)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    linear.requires_grad_(False)
-    if packing_available(device, weight.dtype):
-        return PackedLinear(linear, batch_hint=batch_hint)  # packed like the base it stands in for
-    return linear

@@ -1,4 +1,4 @@
-"""Adapter-aware linear layers with preallocated slot tensors, and the slot writer.
+"""Adapter-aware linear layers with preallocated slot tensors; each layer owns its slot state.
 
 Every linear of every decoder layer (q, k, v, o, gate, up, down) is wrapped once
 by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
@@ -6,20 +6,28 @@ by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
 - lora_a [S+1, R, I], lora_b [S+1, R, O]: LoRA factors (B transposed from PEFT's
   [O, r]) zero-padded to R = --max-lora-rank, PEFT's scaling folded into B;
 - ia3_out [S+1, O]: IA3 output scale (PEFT's non-feed-forward modules: y = (W x + b) * l);
-- ia3_in [S+1, I]: IA3 input scale (feed-forward modules: y = W (x * l) + b).
+- ia3_in [S+1, I]: IA3 input scale (feed-forward modules: y = W (x * l) + b);
+- dora_scale [S+1, O]: DoRA's g = m / ||W + sBA||_row, and, when the base has a bias,
+  dora_shift [S+1, O] = b * (1 - g), so that y * g + b (1 - g) = g (W x + s B A x) + b.
 
+Slots are written only through the layer's methods (`clear`, `set_lora`, `set_ia3`,
+`set_dora`); `folded` gives a slot's adapter folded into the base weight (merge).
 A shared `BatchMapping` says which slot each row uses; it is set once per forward
 and read by all layers. Slots that a kind does not use stay at identity (zeros for
-LoRA, ones for IA3), so one formula serves every row:
+LoRA, ones for IA3 and DoRA scales, zeros for the DoRA shift), so one formula serves
+every row:
 
-    y = base(x * ia3_in[s]) * ia3_out[s] + (x @ lora_a[s].T) @ lora_b[s]
+    y = (base(x * ia3_in[s]) * ia3_out[s] + (x @ lora_a[s].T) @ lora_b[s]) * dora_scale[s] + dora_shift[s]
 
 (PEFT never puts LoRA and IA3 in one adapter, so the order of terms only matters
-per kind, and matches PEFT for each.)
+per kind, and matches PEFT for each.) Each term runs only when a row of the batch
+has a slot that uses it in this layer (per-slot sets and the mapping's any_* flags),
+so a batch without DoRA rows pays nothing for DoRA.
 
-A merged adapter (merge-on-demand) replaces `base` by a dense compute-dtype copy
-of W + delta; its rows then use slot 0, and every other row is recomputed with the
-base's own product (`merged_correction`), so all rows stay exact.
+A merged adapter (merge-on-demand, server.model.merge) replaces `base` by a dense
+compute-dtype copy of its folded weight; its rows then use slot 0, and every other
+row is recomputed with the base's own product (`merged_correction`), so all rows stay
+exact.
 """
 from __future__ import annotations
 
@@ -28,10 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adapters.peft_targets import LINEAR_MODULES
 from server.model.adapter_ops import add_lora, row_scale
 from server.model.quant import dequantized_weight
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = tuple(LINEAR_MODULES)  # the one list of adapter-capable modules (adapters.peft_targets)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class BatchMapping:
     uniform_slot: int | None = None
     any_lora: bool = False
     any_ia3: bool = False
+    any_dora: bool = False
     merged_slot: int = 0
     merged_correction: torch.Tensor | None = None
     active: bool = False
@@ -76,6 +86,10 @@ class AdapterLinear(nn.Module):
         self.lora_ranks = [0] * slots
         self.ia3_in_slots: set[int] = set()
         self.ia3_out_slots: set[int] = set()
+        # DoRA state is allocated at the first DoRA slot written into this layer (most servers never see one).
+        self.dora_scale: torch.Tensor | None = None  # [S+1, O]
+        self.dora_shift: torch.Tensor | None = None  # [S+1, O], only when the base has a bias
+        self.dora_slots: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
         m = self.mapping
@@ -96,7 +110,63 @@ class AdapterLinear(nn.Module):
         rank = max(self.lora_ranks[s] for s in present) if m.any_lora else 0
         if rank:
             y = add_lora(y, x, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
+        if m.any_dora and not self.dora_slots.isdisjoint(present):
+            y = row_scale(y, self.dora_scale, slots)  # g (W x + b + s B A x)
+            if self.dora_shift is not None:  # + b (1 - g); zero (exactly) for non-DoRA rows
+                y = y + (self.dora_shift.index_select(0, slots)[:, None, :] if slots.numel() > 1
+                         else self.dora_shift[int(slots[0])])
         return y
+
+    # ---- slot state ----
+
+    def clear(self, slot: int) -> None:
+        """Reset a slot to the identity."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+        self.ia3_out[slot].fill_(1.0)
+        self.ia3_in[slot].fill_(1.0)
+        self.lora_rank[slot] = 0
+        self.lora_ranks[slot] = 0
+        self.ia3_in_slots.discard(slot)
+        self.ia3_out_slots.discard(slot)
+        if self.dora_scale is not None:
+            self.dora_scale[slot].fill_(1.0)
+            if self.dora_shift is not None:
+                self.dora_shift[slot].zero_()
+        self.dora_slots.discard(slot)
+
+    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """LoRA of PEFT's shapes: a [r, I], b [O, r]; the slot holds A and (scaling * B)^T."""
+        r = int(a.shape[0])
+        if r > self.lora_a.shape[1]:
+            raise ValueError(f"LoRA rank {r} is above the slots' maximum {self.lora_a.shape[1]}")
+        self.lora_a[slot, :r] = a.to(self.lora_a.dtype)
+        self.lora_b[slot, :r] = (b * scaling).t().to(self.lora_b.dtype)
+        self.lora_rank[slot] = r
+        self.lora_ranks[slot] = r
+
+    def set_ia3(self, slot: int, vector: torch.Tensor, feedforward: bool) -> None:
+        """IA3 scale: [I] on the input (feed-forward modules) or [O] on the output."""
+        target = self.ia3_in if feedforward else self.ia3_out
+        target[slot] = vector.to(target.dtype)
+        (self.ia3_in_slots if feedforward else self.ia3_out_slots).add(slot)
+
+    def set_dora(self, slot: int, magnitude: torch.Tensor) -> None:
+        """DoRA magnitude m [O], after `set_lora` of the same slot: stores g = m / ||W + s B A|| (per output
+        row, L2 over the input axis; W dequantized from a bitsandbytes base), computed in fp32 once here."""
+        if self.dora_scale is None:
+            shape, like = self.ia3_out.shape, self.ia3_out
+            self.dora_scale = torch.ones(shape, dtype=like.dtype, device=like.device)
+            if getattr(self.base, "bias", None) is not None:
+                self.dora_shift = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        r = self.lora_ranks[slot]
+        weight = dequantized_weight(self.base, torch.float32)
+        delta = self.lora_b[slot, :r].t().float() @ self.lora_a[slot, :r].float()  # [O, I], scaling folded
+        g = magnitude.to(weight.device, torch.float32) / torch.linalg.norm(weight + delta, dim=1)
+        self.dora_scale[slot] = g.to(self.dora_scale.dtype)
+        if self.dora_shift is not None:
+            self.dora_shift[slot] = (self.base.bias.detach().float() * (1 - g)).to(self.dora_shift.dtype)
+        self.dora_slots.add(slot)
 
     def base_weight(self) -> torch.Tensor:
         """The base's [O, I] weight in compute dtype, dequantized if the base is bitsandbytes."""
@@ -111,7 +181,8 @@ class AdapterLinear(nn.Module):
         if the slot changes nothing in this layer.
 
         LoRA: W + B^T A. IA3 (PEFT's order): out-scaling y = (W x + b) * l gives l W and l b;
-        in-scaling y = W (x * l) + b gives W diag(l).
+        in-scaling y = W (x * l) + b gives W diag(l). DoRA: g (W + B^T A) with b unchanged (PEFT's
+        merge: exact).
         """
         rank = self.lora_ranks[slot]
         scales_in, scales_out = slot in self.ia3_in_slots, slot in self.ia3_out_slots
@@ -125,6 +196,8 @@ class AdapterLinear(nn.Module):
         if scales_out:
             weight = weight * self.ia3_out[slot][:, None]
             bias = None if bias is None else bias * self.ia3_out[slot]
+        if slot in self.dora_slots:
+            weight = weight * self.dora_scale[slot][:, None]
         return weight, bias
 
 
@@ -160,31 +233,10 @@ def uninstall_adapter_layers(model: nn.Module) -> None:
 def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
     """Reset a slot to the identity in every layer."""
     for layer in layers.values():
-        layer.lora_a[slot].zero_()
-        layer.lora_b[slot].zero_()
-        layer.ia3_out[slot].fill_(1.0)
-        layer.ia3_in[slot].fill_(1.0)
-        layer.lora_rank[slot] = 0
-        layer.lora_ranks[slot] = 0
-        layer.ia3_in_slots.discard(slot)
-        layer.ia3_out_slots.discard(slot)
+        layer.clear(slot)
 
 
 def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter) -> None:
-    """Copy an `adapters.format.Adapter`'s weights into a slot (prefix adapters need none)."""
+    """Clear a slot, then let the adapter (an `adapters.kinds` instance) write its state into it."""
     clear_slot(layers, slot)
-    for key, weights in adapter.lora.items():
-        layer = layers[key]
-        r = weights.rank
-        if r > layer.lora_a.shape[1]:
-            raise ValueError(f"adapter {adapter.name} has rank {r}, above the slots' maximum {layer.lora_a.shape[1]}")
-        layer.lora_a[slot, :r] = weights.a.to(layer.lora_a.dtype)
-        layer.lora_b[slot, :r] = (weights.b * weights.scaling).t().to(layer.lora_b.dtype)
-        layer.lora_rank[slot] = r
-        layer.lora_ranks[slot] = r
-    for (i, module), vector in adapter.ia3.items():
-        layer = layers[(i, module)]
-        feedforward = module in adapter.ia3_feedforward
-        target = layer.ia3_in if feedforward else layer.ia3_out
-        target[slot] = vector.to(target.dtype)
-        (layer.ia3_in_slots if feedforward else layer.ia3_out_slots).add(slot)
+    adapter.write(layers, slot)

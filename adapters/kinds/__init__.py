@@ -1,0 +1,14 @@
+"""One class per adapter kind (see :mod:`adapters.kinds.base` for the interface they share)."""
+from __future__ import annotations
+
+from adapters.kinds.base import Adapter
+from adapters.kinds.dora import DoraAdapter
+from adapters.kinds.ia3 import Ia3Adapter
+from adapters.kinds.lora import LoraAdapter, LoraWeights
+from adapters.kinds.prefix import PrefixAdapter
+
+KINDS: tuple[type[Adapter], ...] = (LoraAdapter, DoraAdapter, Ia3Adapter, PrefixAdapter)
+KIND_BY_NAME: dict[str, type[Adapter]] = {k.kind: k for k in KINDS}
+
+__all__ = ["Adapter", "DoraAdapter", "Ia3Adapter", "KINDS", "KIND_BY_NAME", "LoraAdapter", "LoraWeights",
+           "PrefixAdapter"]
