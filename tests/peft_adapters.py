@@ -28,6 +28,24 @@ def make_lora(base_dir: Path, path: Path, seed: int, r: int = 8, targets=("q_pro
     return _save(model, path, base_dir)
 
 
+def make_dora(base_dir: Path, path: Path, seed: int, r: int = 8,
+              targets=("q_proj", "v_proj", "o_proj", "up_proj", "down_proj"), **kw) -> Path:
+    """A DoRA adapter (use_dora) with a visible LoRA delta and a magnitude that is *not* PEFT's initial
+    ||W + sBA|| (scaled per feature by U(0.5, 1.5)), so a server that ignored either would fail."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), init_lora_weights=False,
+                        lora_dropout=0.0, use_dora=True, **kw)
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    return _save(model, path, base_dir)
+
+
 def make_ia3(base_dir: Path, path: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

@@ -12,7 +12,7 @@ from server.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import SamplingParams, Status
 from server.model.loader import load_model
-from tests.peft_adapters import make_ia3, make_lora, make_prefix, perturbed_copies
+from tests.peft_adapters import make_dora, make_ia3, make_lora, make_prefix, perturbed_copies
 
 
 class RecordingMetrics:
@@ -65,6 +65,7 @@ def store(base, tmp_path_factory):
         store.add(f"prefix-{i}", path)
     store.add("hot", lora)
     store.add("hot-ia3", ia3)
+    store.add("hot-dora", make_dora(base, root / "dora", seed=14))  # DoRA folds exactly: merged like LoRA
     return store
 
 
@@ -144,9 +145,9 @@ def run_mix(loaded, store, merge: bool, hot: str = "hot"):
     return [r.output_token_ids for r in requests], metrics
 
 
-@pytest.mark.parametrize("hot", ["hot", "hot-ia3"])
+@pytest.mark.parametrize("hot", ["hot", "hot-ia3", "hot-dora"])
 def test_merged_and_unmerged_outputs_are_identical(loaded, store, hot):
-    """A hot LoRA or IA3 adapter merged and unmerged mid-run: every row (hot, other LoRA, other IA3, base)
+    """A hot LoRA, IA3 or DoRA adapter merged and unmerged mid-run: every row (hot, other LoRA, other IA3, base)
     generates what it generates with no merge at all."""
     unmerged, quiet = run_mix(loaded, store, merge=False, hot=hot)
     merged, metrics = run_mix(loaded, store, merge=True, hot=hot)
@@ -156,7 +157,7 @@ def test_merged_and_unmerged_outputs_are_identical(loaded, store, hot):
     assert merged == unmerged
 
 
-@pytest.mark.parametrize("hot", ["hot", "hot-ia3"])
+@pytest.mark.parametrize("hot", ["hot", "hot-ia3", "hot-dora"])
 def test_merge_over_nf4_base_keeps_outputs(base, store, hot):
     loaded = load_model(base, dtype=torch.float32, quantization="nf4")
     unmerged, _ = run_mix(loaded, store, merge=False, hot=hot)
