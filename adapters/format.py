@@ -3,7 +3,7 @@
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` exactly as
 PEFT's ``save_pretrained`` writes them (:mod:`adapters.peft_files`). :func:`load_adapter` turns one
 into an :class:`~adapters.kinds.base.Adapter` of its kind (:mod:`adapters.kinds`: LoRA, DoRA, IA3,
-prefix tuning), whose tensors have the shapes the engine needs, after checking that the adapter
+prefix tuning, prompt tuning / P-tuning), whose tensors have the shapes the engine needs, after checking that the adapter
 can be served *exactly* on the loaded base (a :class:`BaseSpec`). Anything that cannot be served
 exactly, or that would silently do nothing, is refused with an :class:`AdapterError` whose message
 names the offending field, tensor or file and says what to do about it.
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from adapters.kinds import KINDS, Adapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter
+from adapters.kinds import (KINDS, Adapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter,
+                            PromptAdapter)
 from adapters.peft_files import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, AdapterError, check_base_name,
                                  check_files, is_set, open_weights, read_config)
 from adapters.peft_targets import LINEAR_MODULES, BaseSpec
@@ -28,12 +29,11 @@ from adapters.peft_targets import LINEAR_MODULES, BaseSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_SUFFIXES", "LINEAR_MODULES", "Adapter", "AdapterError", "BaseSpec",
-           "DoraAdapter", "Ia3Adapter", "LoraAdapter", "LoraWeights", "PrefixAdapter", "inspect_adapter_dir",
+           "DoraAdapter", "Ia3Adapter", "LoraAdapter", "LoraWeights", "PrefixAdapter", "PromptAdapter", "inspect_adapter_dir",
            "kind_of", "load_adapter", "read_config"]
 
 _SUPPORTED_TASK_TYPES = (None, "CAUSAL_LM", "FEATURE_EXTRACTION")
-_PROMPT_LEARNING_TYPES = ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT",
-                          "CARTRIDGE")
+_PROMPT_LEARNING_TYPES = ("MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "CPT", "CARTRIDGE")
 # Config fields of every kind that carry no serving semantics (metadata).
 _METADATA_FIELDS = {"peft_type", "task_type", "auto_mapping", "base_model_name_or_path", "revision",
                     "inference_mode", "peft_version", "init_weights"}
@@ -69,13 +69,13 @@ def kind_of(config: dict) -> type[Adapter]:
     if kind is None:
         if peft_type in _PROMPT_LEARNING_TYPES:
             raise AdapterError(
-                f"peft_type {peft_type} is not served: of the prompt-learning methods only PREFIX_TUNING is "
-                "(its virtual tokens become KV-cache entries); retrain with PrefixTuningConfig")
+                f"peft_type {peft_type} is not served: of the prompt-learning methods PREFIX_TUNING, PROMPT_TUNING "
+                "and P_TUNING are; retrain with one of those")
         if peft_type == "LORA":
             raise AdapterError(f"{CONFIG_NAME} sets use_dora={config.get('use_dora')!r}: "
                                f"{_REFUSED_IF_SET['use_dora']}")
         raise AdapterError(f"peft_type {peft_type} is not served; supported are LORA (with or without use_dora), "
-                           "IA3 and PREFIX_TUNING")
+                           "IA3, PREFIX_TUNING, PROMPT_TUNING and P_TUNING")
     task = config.get("task_type")
     if task not in _SUPPORTED_TASK_TYPES:
         raise AdapterError(f"task_type {task!r} is not served: only causal-LM adapters are "

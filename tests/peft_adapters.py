@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 
@@ -63,6 +63,21 @@ def make_prefix(base_dir: Path, path: Path, seed: int, num_virtual_tokens: int =
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)
     model = get_peft_model(model, config)
+    return _save(model, path, base_dir)
+
+
+def make_prompt(base_dir: Path, path: Path, seed: int, num_virtual_tokens: int = 6, p_tuning: bool = False) -> Path:
+    """Prompt tuning (random virtual-token embeddings, scaled up to be visible) or P-tuning (PEFT saves its MLP
+    encoder's output, which is what it serves)."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = (PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=32)
+              if p_tuning else PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens))
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "prompt_encoder" in name and param.requires_grad:
+                param.normal_(0, 1.0)
     return _save(model, path, base_dir)
 
 

@@ -412,10 +412,28 @@ def test_prefix_refusals(tmp_path):
         load_adapter(path, spec(), max_rank=8)
 
 
+def test_prompt_tuning_read_and_refusals(tmp_path):
+    _, path = save_peft(tmp_path, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    ad = load_adapter(path, spec(), max_rank=8)
+    assert ad.kind == "prompt" and ad.num_virtual_tokens == 3 and ad.soft_prompt().shape == (3, spec().hidden_size)
+    assert inspect_adapter_dir(path)["num_virtual_tokens"] == 3
+    with pytest.raises(AdapterError, match="token_dim is 128 but this base needs 64"):
+        load_adapter(path, spec(hidden_size=64, intermediate_size=128), max_rank=8)
+    edit_config(path, num_virtual_tokens=4)
+    with pytest.raises(AdapterError, match=r"has shape \[3, 128\], expected \[4, 128\]"):
+        load_adapter(path, spec(), max_rank=8)
+    edit_config(path, num_virtual_tokens=3, peft_type="P_TUNING")
+    assert load_adapter(path, spec(), max_rank=8).kind == "prompt"
+
+
 def test_other_prompt_learning_refused(tmp_path):
     _, path = save_peft(tmp_path, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
-    with pytest.raises(AdapterError, match="peft_type PROMPT_TUNING is not served.*PREFIX_TUNING"):
+    edit_config(path, peft_type="MULTITASK_PROMPT_TUNING")
+    with pytest.raises(AdapterError, match="peft_type MULTITASK_PROMPT_TUNING is not served.*PREFIX_TUNING"):
         load_adapter(path, spec(), max_rank=8)
-    edit_config(path, peft_type="P_TUNING")
-    with pytest.raises(AdapterError, match="peft_type P_TUNING"):
+    edit_config(path, peft_type="ADAPTION_PROMPT")
+    with pytest.raises(AdapterError, match="peft_type ADAPTION_PROMPT"):
         inspect_adapter_dir(path)
+    (path / "adapter_config.json").write_text("{nope")
+    with pytest.raises(AdapterError, match="adapter_config.json is not readable JSON"):
+        load_adapter(path, spec(), max_rank=8)

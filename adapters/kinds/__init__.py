@@ -6,9 +6,10 @@ from adapters.kinds.dora import DoraAdapter
 from adapters.kinds.ia3 import Ia3Adapter
 from adapters.kinds.lora import LoraAdapter, LoraWeights
 from adapters.kinds.prefix import PrefixAdapter
+from adapters.kinds.prompt import PromptAdapter
 
-KINDS: tuple[type[Adapter], ...] = (LoraAdapter, DoraAdapter, Ia3Adapter, PrefixAdapter)
+KINDS: tuple[type[Adapter], ...] = (LoraAdapter, DoraAdapter, Ia3Adapter, PrefixAdapter, PromptAdapter)
 KIND_BY_NAME: dict[str, type[Adapter]] = {k.kind: k for k in KINDS}
 
 __all__ = ["Adapter", "DoraAdapter", "Ia3Adapter", "KINDS", "KIND_BY_NAME", "LoraAdapter", "LoraWeights",
-           "PrefixAdapter"]
+           "PrefixAdapter", "PromptAdapter"]

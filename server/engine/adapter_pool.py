@@ -9,7 +9,8 @@ the hot adapter, when merged, is pinned.
 
 Every adapter kind (adapters.kinds) takes a slot: the adapter writes its per-layer state
 (LoRA, IA3, DoRA) into the layers' slot tensors itself, and its prefix K/V, if any, live in
-`prefix_kv[slot]` on the device. The pool never branches on a kind's name: it reads the
+`prefix_kv[slot]` on the device (prompt tuning: its virtual tokens' K/V, computed through the
+base when the slot is written). The pool never branches on a kind's name: it reads the
 kind's `layer_state` (which any_* flags a forward needs) and `mergeable`. Keys are versions
 (`name@sha256-prefix`) so that a replaced adapter never serves stale weights to
 new requests while old requests finish on the old ones.
@@ -32,6 +33,7 @@ from server.engine.request import AdmissionFailed, Request
 from server.engine.slots import SlotTable
 from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
 from server.model.merge import merge_slot, unmerge
+from server.model.soft_prompt import soft_prompt_kv
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +223,28 @@ class AdapterPool:
         write_slot(self.layers, slot, adapter)
         self.prefix_kv.pop(slot, None)
         prefix = adapter.prefix_kv()
+        if prefix is None and adapter.soft_prompt() is not None:
+            prefix = self._encode_soft_prompt(adapter.soft_prompt())
         if prefix is not None:
             prefix = prefix.to(device=self.device, dtype=self.dtype)
             self.prefix_kv[slot] = (prefix[:, 0], prefix[:, 1])
         self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank, adapter.layer_state, adapter.mergeable)
         self._gauge()
+
+    def _encode_soft_prompt(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Prompt-tuning virtual tokens [P, E] -> K/V [L, 2, Hkv, P, D], run through the base alone (slot 0; past
+        a merged adapter through the base's own product). The mapping is restored afterwards."""
+        m = self.mapping
+        saved = dict(vars(m))
+        m.slot_of_row = torch.zeros(1, dtype=torch.long, device=self.device)
+        m.slots_present, m.uniform_slot, m.any_lora, m.any_ia3, m.any_dora = frozenset({0}), 0, False, False, False
+        m.merged_slot = self.merged_slot
+        m.merged_correction = m.slot_of_row if self.merged_slot else None
+        m.active = True
+        try:
+            return soft_prompt_kv(m.model, embeddings)
+        finally:
+            vars(m).update(saved)
 
     def _apply_retirements(self) -> None:
         with self._lock:

@@ -64,6 +64,7 @@ class BatchMapping:
     merged_correction: torch.Tensor | None = None
     active: bool = False
     owner: object | None = None  # the adapter pool whose slot contents the layers hold
+    model: object | None = None  # the model whose layers read this mapping (soft prompts run through it)
 
 
 class AdapterLinear(nn.Module):
@@ -203,7 +204,7 @@ class AdapterLinear(nn.Module):
 
 def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:
     """Wrap every decoder linear; returns the shared mapping and {(layer, module): AdapterLinear}."""
-    mapping = BatchMapping()
+    mapping = BatchMapping(model=model)
     dtype = model.model.embed_tokens.weight.dtype
     device = model.model.embed_tokens.weight.device
     layers: dict[tuple[int, str], AdapterLinear] = {}

@@ -225,14 +225,16 @@ class Transformer(nn.Module):
         sin = (emb.sin() * self.rope_scaling).to(dtype).unsqueeze(1)
         return cos, sin
 
-    def forward(self, input_ids: torch.Tensor, step: StepInputs, logits_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor | None, step: StepInputs, logits_index: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits.
 
         logits_index: [K] flat indices into the B*T tokens (row-major: row b's token t is
         b*T + t) whose logits are wanted (-> [K, V]); None returns logits for every token
-        ([B, T, V]). The lm_head runs on those tokens only.
+        ([B, T, V]). The lm_head runs on those tokens only. inputs_embeds [B, T, E] replaces
+        the token embeddings (prompt-tuning virtual tokens; input_ids is then None).
         """
-        x = self.model.embed_tokens(input_ids)  # [B, T, E]
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # [B, T, E]
         cos, sin = self.rope(step.rope_pos, x.dtype)
         for layer in self.model.layers:
             x = layer(x, cos, sin, step)
