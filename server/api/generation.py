@@ -79,7 +79,8 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
                           ignore_eos=body.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                           presence_penalty=body.presence_penalty,
                           frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-                          min_p=body.min_p, min_tokens=body.min_tokens, logit_bias=body.logit_bias_pairs)
+                          min_p=body.min_p, min_tokens=body.min_tokens, logit_bias=body.logit_bias_pairs,
+                          response_format=body.response_format.engine_format() if body.response_format else None)
 
 
 def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adapter: str | None,

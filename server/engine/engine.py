@@ -34,6 +34,7 @@ from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampling import RowSampling, make_generator
 from server.engine.scheduler import Scheduler, StepPlan
 from server.engine.streams import LoopMailbox, RequestStream
+from server.engine.structured import Grammars
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
@@ -72,6 +73,7 @@ class Engine:
         self.max_seq_len = min(config.max_seq_len, loaded.model.args.max_position_embeddings)
         self.vocab_size = loaded.model.args.vocab_size
         self.eos_token_ids = _eos_ids(loaded)
+        self.grammars = Grammars(loaded.tokenizer, self.vocab_size, self.eos_token_ids)
         self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
         self.adapters = _make_pool(loaded, config, torch.device(device), store)
         self.scheduler = Scheduler(config.max_batch, config.max_waiting, self.adapters.try_acquire,
@@ -108,6 +110,8 @@ class Engine:
         request = Request(list(prompt_token_ids), params, adapter)
         if request_id:
             request.request_id = request_id
+        if params.response_format is not None:
+            request.grammar = self.grammars.compile(params.response_format)  # RequestError -> 400
         if adapter is not None:
             record = self.adapters.record(adapter)  # AdapterNotFound -> 404
             request.adapter_version = version_key(record)
@@ -132,7 +136,9 @@ class Engine:
         max_tokens = request.params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_seq_len - request.num_tokens
-        sampling = RowSampling(request.params, make_generator(seed), request=request, eos_token_ids=self.eos_token_ids)
+        matcher = Grammars.matcher(request.grammar) if request.grammar is not None else None
+        sampling = RowSampling(request.params, make_generator(seed), request=request, eos_token_ids=self.eos_token_ids,
+                               matcher=matcher)
         tracked = _Tracked(request, sampling, IncrementalDetokenizer(self.tokenizer, request.params.stop), emit,
                            max_tokens)
         with self._submit_lock:
@@ -244,7 +250,8 @@ class Engine:
         reason = None
         is_stop_token = token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids)
         text = "" if is_stop_token else tracked.detokenizer.add([token])
-        if is_stop_token or tracked.detokenizer.stopped:
+        grammar_done = tracked.sampling.matcher is not None and tracked.sampling.matcher.is_terminated()
+        if is_stop_token or tracked.detokenizer.stopped or grammar_done:
             reason = "stop"
         elif len(request.output_token_ids) >= tracked.max_tokens or request.num_tokens >= self.max_seq_len:
             reason = "length"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import json
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -9,6 +10,25 @@ from dataclasses import dataclass, field
 
 class RequestError(ValueError):
     """A request the engine refuses; the message is meant for the client (HTTP 400)."""
+
+
+JSON_OBJECT = '{"type":"json_object"}'
+
+
+def canonical_response_format(value: dict | None) -> str | None:
+    """OpenAI's `response_format` as the canonical JSON string SamplingParams carries; None for text."""
+    if not value or value.get("type") in (None, "text"):
+        return None
+    if value["type"] == "json_object":
+        return JSON_OBJECT
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise RequestError("response_format json_schema needs a json_schema object with a 'schema' object")
+        schema = spec.get("schema", {})
+        return json.dumps({"type": "json_schema", "schema": schema}, sort_keys=True, separators=(",", ":"))
+    raise RequestError(f"response_format type {value['type']!r} is not supported: use text, json_object or "
+                       "json_schema")
 
 
 class QueueFull(RuntimeError):
@@ -44,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None  # each prompt token's logprob (+ this many alternatives); None = off
+    response_format: str | None = None  # canonical JSON of OpenAI's response_format (server.engine.structured)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -154,6 +175,7 @@ class Request:
     adapter_version: str | None = None  # which stored version of the adapter this request uses
     slot: int = 0                        # device slot while running (0 = no adapter)
     num_computed: int = 0                # prompt tokens already prefilled (or scheduled in this step's plan)
+    grammar: object | None = None        # compiled response_format grammar (opaque here; the engine's)
 
     @property
     def num_tokens(self) -> int:

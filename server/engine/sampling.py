@@ -14,7 +14,8 @@ change the argmax, then penalties, then greedy; temperature and min_p only for r
 2. logit_bias: ``logit[t] += bias``;
 3. repetition_penalty r over prompt and output tokens: ``logit > 0 ? logit / r : logit * r``;
 4. frequency f and presence p over output tokens: ``logit -= f * count + p * (count > 0)``;
-5. greedy rows: argmax here; random rows: temperature, then min_p (drop tokens whose
+5. response_format: tokens the row's grammar forbids get -inf (server.engine.structured);
+6. greedy rows: argmax here; random rows: temperature, then min_p (drop tokens whose
    probability is below ``min_p`` times the top one), top-k, top-p, then the draw.
 
 Steps 1-4 run only on rows whose parameters ask for them (``SamplingParams.adjusts_logits``),
@@ -28,6 +29,7 @@ from typing import Sequence
 import torch
 
 from server.engine.request import Request, SamplingParams, TokenLogprob
+from server.engine.structured import advance, constrain
 
 
 @dataclass
@@ -44,6 +46,7 @@ class RowSampling:
     generator: torch.Generator
     request: Request | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    matcher: object | None = None  # the row's grammar state (server.engine.structured), if constrained
 
     @property
     def prompt_ids(self) -> Sequence[int]:
@@ -141,7 +144,8 @@ def _processed_probs(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[tor
 
 def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits [B, V] float32 -> one token id per row, and its logprobs where the row asked."""
-    adjusted = adjusted_logits(logits, rows)
+    matchers = [r.matcher for r in rows]
+    adjusted = constrain(adjusted_logits(logits, rows), matchers)
     tokens = torch.argmax(adjusted, dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
@@ -154,6 +158,7 @@ def sample(logits: torch.Tensor, rows: list[RowSampling]) -> tuple[list[int], li
         # left search: the first token whose cdf reaches u, so zero-probability tokens are never picked
         tokens[index] = sorted_ids.gather(1, picks).squeeze(1)
     token_list = tokens.tolist()
+    advance(matchers, token_list)
     logprobs: list[TokenLogprob | None] = [None] * len(rows)
     wanted = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if wanted:
