@@ -224,27 +224,12 @@ class AdapterPool:
         self.prefix_kv.pop(slot, None)
         prefix = adapter.prefix_kv()
         if prefix is None and adapter.soft_prompt() is not None:
-            prefix = self._encode_soft_prompt(adapter.soft_prompt())
+            prefix = soft_prompt_kv(self.mapping, adapter.soft_prompt(), merged=bool(self.merged_slot))
         if prefix is not None:
             prefix = prefix.to(device=self.device, dtype=self.dtype)
             self.prefix_kv[slot] = (prefix[:, 0], prefix[:, 1])
         self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank, adapter.layer_state, adapter.mergeable)
         self._gauge()
-
-    def _encode_soft_prompt(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """Prompt-tuning virtual tokens [P, E] -> K/V [L, 2, Hkv, P, D], run through the base alone (slot 0; past
-        a merged adapter through the base's own product). The mapping is restored afterwards."""
-        m = self.mapping
-        saved = dict(vars(m))
-        m.slot_of_row = torch.zeros(1, dtype=torch.long, device=self.device)
-        m.slots_present, m.uniform_slot, m.any_lora, m.any_ia3, m.any_dora = frozenset({0}), 0, False, False, False
-        m.merged_slot = self.merged_slot
-        m.merged_correction = m.slot_of_row if self.merged_slot else None
-        m.active = True
-        try:
-            return soft_prompt_kv(m.model, embeddings)
-        finally:
-            vars(m).update(saved)
 
     def _apply_retirements(self) -> None:
         with self._lock:

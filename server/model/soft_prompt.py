@@ -13,12 +13,22 @@ import torch
 from server.model.kv_cache import KVCache
 
 
-@torch.inference_mode()
-def soft_prompt_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
-    """K/V ``[layers, 2, Hkv, P, D]`` (K at [:, 0], rotary applied) of ``embeddings`` [P, E] at positions 0..P-1.
+def soft_prompt_kv(mapping, embeddings: torch.Tensor, merged: bool) -> torch.Tensor:
+    """K/V ``[layers, 2, Hkv, P, D]`` (K at [:, 0], rotary applied) of ``embeddings`` [P, E] at positions 0..P-1,
+    through the base alone: the forward is routed to slot 0 (and, with an adapter merged, `merged` true, through
+    the base's own product) on `mapping` (a BatchMapping), whose routing is restored afterwards."""
+    saved = dict(vars(mapping))
+    zero = torch.zeros(1, dtype=torch.long, device=mapping.model.model.embed_tokens.weight.device)
+    vars(mapping).update(slot_of_row=zero, slots_present=frozenset({0}), uniform_slot=0, any_lora=False,
+                         any_ia3=False, any_dora=False, merged_correction=zero if merged else None, active=True)
+    try:
+        return _forward_kv(mapping.model, embeddings)
+    finally:
+        vars(mapping).update(saved)
 
-    The caller routes the forward (adapter mapping): the virtual tokens must see the base alone.
-    """
+
+@torch.inference_mode()
+def _forward_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
     from server.model.llama import StepInputs
 
     args = model.args
