@@ -46,6 +46,7 @@ def test_constrained_rows_parse_and_free_rows_are_unchanged(engine):
     assert isinstance(json.loads(texts[0]), dict)
     for text in texts[2:]:
         jsonschema.validate(json.loads(text), SCHEMA)  # json.loads is strict: no raw control characters
+        assert list(json.loads(text)) == ["name", "age", "tags"]  # in the schema's order, as OpenAI emits them
     assert len(set(texts[3:])) > 1                                      # sampled rows really differ
     assert requests[1].output_token_ids == free_alone.output_token_ids  # the free row never saw a mask
     assert all(outputs[r.request_id][-1].finish_reason == "stop" for r in requests[2:])

@@ -26,7 +26,8 @@ def canonical_response_format(value: dict | None) -> str | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise RequestError("response_format json_schema needs a json_schema object with a 'schema' object")
         schema = spec.get("schema", {})
-        return json.dumps({"type": "json_schema", "schema": schema}, sort_keys=True, separators=(",", ":"))
+        # keys keep their order: the grammar emits properties in the schema's order, as OpenAI does
+        return json.dumps({"type": "json_schema", "schema": schema}, separators=(",", ":"))
     raise RequestError(f"response_format type {value['type']!r} is not supported: use text, json_object or "
                        "json_schema")
 
