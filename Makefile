@@ -34,6 +34,14 @@ bench-served: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)
 
+# schemathesis over /openapi.json (every phase, check not_a_server_error) against a tiny-llama-builtin server
+# that loadtest/fuzz.py starts on a free port with a temporary adapter store; fails on any 5xx.
+# ARGS go to loadtest/fuzz.py: --max-examples N (default 100), --seed S, --max-time SECONDS, -- <st run args>
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(PY) -c "import schemathesis" 2>/dev/null || $(PY) -m pip install -q -e ".[fuzz]"
+	$(PY) -m loadtest.fuzz $(ARGS)
+
 # Load tests (docs/BENCHMARKS.md). `make loadtest` drives a running server (`make serve`) with locust
 # for RUN_TIME and exits; `make bench` runs the benchmark harness (starts and stops the servers itself).
 HOST ?= http://127.0.0.1:8000

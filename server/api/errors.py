@@ -61,6 +61,29 @@ def as_api_error(exc: Exception) -> APIError:
     return APIError(500, "internal server error")
 
 
+_BOUNDS = {"greater_than": ("gt", "greater than {}"), "greater_than_equal": ("ge", "at least {}"),
+           "less_than": ("lt", "less than {}"), "less_than_equal": ("le", "at most {}")}
+
+
+# what else bounds a field than its schema range (the engine checks it)
+_BOUND_HINTS = {"max_tokens": "and, with the prompt, fit the model's context",
+                "max_completion_tokens": "and, with the prompt, fit the model's context",
+                "tokens": "and name a token of the model's vocabulary"}
+
+
+def _bound_message(error: dict) -> str | None:
+    """'top_k: 10**30 is out of range; it must be at most 1048576' for pydantic's numeric bound errors."""
+    bound = _BOUNDS.get(error.get("type", ""))
+    value = (error.get("ctx") or {}).get(bound[0]) if bound else None
+    if value is None:
+        return None
+    shown = repr(error.get("input"))
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    field = next((part for part in reversed(error.get("loc", ())) if isinstance(part, str)), "")
+    hint = _BOUND_HINTS.get(field)
+    return f"{shown} is out of range; it must be {bound[1].format(value)}" + (f" {hint}" if hint else "")
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -70,7 +93,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body is not valid JSON", None
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    message = _bound_message(first) or str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if not location and first.get("type") == "missing":
         message = "the request body is empty; send a JSON object"
     elif not location and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):

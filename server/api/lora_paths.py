@@ -41,7 +41,7 @@ class LoadLoraAdapterRequest(BaseModel):
 class UnloadLoraAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1, max_length=64)
-    lora_int_id: int | None = Field(default=None, ge=0, le=2**31)  # vLLM's; ignored
+    lora_int_id: int | None = Field(default=None, ge=0, le=2**31 - 1)  # vLLM's; ignored
 
 
 def resolve_under_root(root: str | None, requested: str) -> Path:

@@ -3,7 +3,7 @@
 The generation endpoints' bodies (completions, chat completions) live in
 :mod:`server.api.protocol_generation` and are re-exported here; this module holds the rest
 (tokenize, models, adapters). The same rules hold: strict types, ``null`` means the default,
-unknown fields are ignored.
+unknown fields are ignored, numbers and lists are bounded in the schema.
 """
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.api.protocol_generation import (  # noqa: F401  (re-exported)
-    MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_N, MAX_STOP, SEED_RANGE, AssistantMessage, ChatChoice, ChatCompletionRequest,
+    MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_MESSAGES, MAX_N, MAX_PROMPT_TOKENS, MAX_STOP, MAX_TOKEN_ID, MAX_TOKENS, MAX_TOP_K,
+    SEED_RANGE, AssistantMessage, ChatChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
-    CompletionResponse, Prompt, SamplingFields, StreamOptions, TextPart, TokenLogprob, TopLogprob, Usage, _drop_nulls)
+    CompletionResponse, Prompt, SamplingFields, StreamOptions, TextPart, TokenId, TokenLogprob, TopLogprob, Usage,
+    _drop_nulls)
 
 
 class TokenizeRequest(BaseModel):
@@ -30,7 +32,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
     adapter: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -79,7 +81,7 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     adapter: str | None = None
-    tokens: list[int] = Field(min_length=1)
+    tokens: list[TokenId] = Field(min_length=1, max_length=MAX_PROMPT_TOKENS)
 
     @model_validator(mode="before")
     @classmethod

@@ -3,7 +3,11 @@
 Request models are strict: a string where a number belongs is a 400, not a silent conversion;
 ``null`` means "use the default", as in OpenAI's schema. Unknown fields are ignored (clients
 send many), but the OpenAI fields this server cannot honour (best_of, suffix, tools) are
-refused when set rather than quietly dropped. Streaming chunks are built as plain dicts in
+refused when set rather than quietly dropped. Every number has bounds in the schema (so /openapi.json states them, and a fuzzer's huge integer is a
+400, not an overflow further down): token ids are in [0, 2**31 - 1] here and checked against the
+model's vocabulary by the engine; counts (top_k, max_tokens, min_tokens) are at most 2**20; floats
+refuse NaN and infinities. Lists (prompts, messages, stop sequences, token ids) have maximum lengths.
+Streaming chunks are built as plain dicts in
 :mod:`server.api.completions` and :mod:`server.api.chat`; they follow the same shapes.
 :mod:`server.api.protocol` re-exports every name here.
 """
@@ -11,28 +15,64 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from server.engine.request import canonical_response_format
+from server.engine.request import SamplingParams, canonical_response_format
 
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 100.0
 SEED_RANGE = (-(2**63), 2**64 - 1)
+MAX_TOKEN_ID = 2**31 - 1  # schema bound of a token id; the engine checks the model's vocabulary
+MAX_TOP_K = SamplingParams.MAX_TOP_K  # 2**20, above any vocabulary: a top_k past the vocabulary size cuts nothing
+MAX_TOKENS = 1 << 20  # max_tokens, max_completion_tokens, min_tokens (the context bounds them further)
+MAX_PROMPT_TOKENS = 1 << 20  # token ids in one prompt (the context bounds them further)
+MAX_PROMPTS = 1024  # prompts in one completions request
+MAX_MESSAGES = 4096  # messages in one chat
+MAX_STOP_LENGTH = 4096  # characters of one stop sequence
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS_TOKENS = 1024
+MAX_BEST_OF = MAX_N
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
+Prompt = (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds
+          | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)])
+StopString = Annotated[str, Field(max_length=MAX_STOP_LENGTH)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)]
+
+
+def _float(default: float, **bounds) -> Any:
+    return Field(default=default, allow_inf_nan=False, **bounds)
 
 
 def _check_prompt(value: Any) -> Any:
+    """The prompt's shape, with one clear message (the union's own errors would name every member)."""
     def is_token_list(v: Any) -> bool:
         return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
 
-    if isinstance(value, str) or is_token_list(value):
+    def check_ids(ids: list[int]) -> None:
+        if len(ids) > MAX_PROMPT_TOKENS:
+            raise ValueError(f"a prompt may hold at most {MAX_PROMPT_TOKENS} token ids, got {len(ids)}")
+        bad = next((t for t in ids if not 0 <= t <= MAX_TOKEN_ID), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is out of range; ids must be in [0, {MAX_TOKEN_ID}] "
+                             "(and in the model's vocabulary)")
+
+    if isinstance(value, str):
+        return value
+    if is_token_list(value):
+        check_ids(value)
         return value
     if isinstance(value, list) and (all(isinstance(p, str) for p in value) or all(is_token_list(p) for p in value)):
+        if len(value) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts are allowed in one request, got {len(value)}")
+        for ids in value:
+            if not isinstance(ids, str):
+                check_ids(ids)
         return value
     raise ValueError("must be a string, a list of strings, a list of token ids or a list of token id lists")
 
@@ -91,24 +131,27 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     adapter: str | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    temperature: float = _float(1.0, ge=0.0, le=2.0)
+    top_p: float = _float(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0: off
     seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop: Stop | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # logit adjustments (semantics and order: server.engine.sampling); vLLM's ranges
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=2.0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    min_tokens: int = Field(default=0, ge=0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's form) -> bias in [-100, 100]
+    presence_penalty: float = _float(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = _float(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = _float(1.0, gt=0.0, le=2.0)
+    min_p: float = _float(0.0, ge=0.0, le=1.0)
+    min_tokens: int = Field(default=0, ge=0, le=MAX_TOKENS)
+    # token id (as a string, OpenAI's form) -> bias in [-100, 100]
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                     Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS, allow_inf_nan=False)]] | None = \
+        Field(default=None, max_length=MAX_LOGIT_BIAS_TOKENS)
     response_format: ResponseFormat | None = None  # structured output (server.engine.structured)
 
     @model_validator(mode="before")
@@ -121,14 +164,17 @@ class SamplingFields(BaseModel):
     def _stop_type(cls, value: Any) -> Any:
         return _check_stop(value)
 
-    @field_validator("logit_bias")
+    @field_validator("logit_bias", mode="before")
     @classmethod
-    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not (key.isascii() and key.isdigit()):
+    def _logit_bias_keys(cls, value: Any) -> Any:
+        """Keys first, with one clear message (the biases' type and range are checked by the schema)."""
+        for key in value if isinstance(value, dict) else ():
+            if not (isinstance(key, str) and key.isascii() and key.isdigit()):
                 raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
-            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                raise ValueError(f"the bias of token {key} must be in [-100, 100], got {bias}")
+            if len(key) > 10 or int(key) > MAX_TOKEN_ID:
+                shown = key if len(key) <= 40 else key[:37] + "..."
+                raise ValueError(f"token id {shown} is out of range; ids must be in [0, {MAX_TOKEN_ID}] "
+                                 "(and in the model's vocabulary)")
         return value
 
     @model_validator(mode="after")
@@ -157,10 +203,10 @@ class CompletionRequest(SamplingFields):
     nothing (as vLLM): with echo and logprobs, that scores the prompt alone."""
 
     prompt: Prompt
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=0, le=MAX_TOKENS)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_BEST_OF)  # only best_of == n is accepted
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -200,9 +246,9 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict] | None = None

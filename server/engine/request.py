@@ -75,6 +75,7 @@ class SamplingParams:
 
     MAX_LOGPROBS = 20
     MAX_LOGIT_BIAS = 100.0
+    MAX_TOP_K = 1 << 20  # above any vocabulary (so still "no cut"), and far inside the int64 a tensor holds
 
     def validate(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 0:
@@ -83,8 +84,8 @@ class SamplingParams:
             raise RequestError(f"temperature must be in [0, 2], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise RequestError(f"top_k must be 0 (off) or positive, got {self.top_k}")
+        if not 0 <= self.top_k <= self.MAX_TOP_K:
+            raise RequestError(f"top_k must be 0 (off) or positive, at most {self.MAX_TOP_K}, got {self.top_k}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= self.MAX_LOGPROBS:
