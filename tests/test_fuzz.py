@@ -81,6 +81,22 @@ def test_non_finite_logit_bias_is_400(live):
     assert response.status_code == 400, response.text
 
 
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/completions", '{"prompt": "a\\ud800", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 1}', "prompt.1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 1}',
+     "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     "messages.0.content.0.text"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+])
+def test_lone_surrogates_are_400(live, path, body, where):
+    """JSON can escape a lone surrogate; the tokenizer raised on it (a 500 from /v1/completions, chat and /tokenize)."""
+    response = httpx.post(f"{live.url}{path}", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"].startswith(f"{where}: not valid Unicode"), response.text
+
+
 def test_the_engine_refuses_a_top_k_no_tensor_holds():
     with pytest.raises(RequestError, match="top_k"):
         SamplingParams(top_k=HUGE).validate()

@@ -16,7 +16,7 @@ from server.api.protocol_generation import (  # noqa: F401  (re-exported)
     SEED_RANGE, AssistantMessage, ChatChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
     CompletionResponse, Prompt, SamplingFields, StreamOptions, TextPart, TokenId, TokenLogprob, TopLogprob, Usage,
-    _drop_nulls)
+    _check_unicode, _drop_nulls)
 
 
 class TokenizeRequest(BaseModel):
@@ -43,7 +43,7 @@ class TokenizeRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
+        return _drop_nulls(_check_unicode(data))
 
     @model_validator(mode="after")
     def _one_shape(self):
@@ -86,7 +86,7 @@ class DetokenizeRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
+        return _drop_nulls(_check_unicode(data))
 
 
 # ---------------------------------------------------------------------------------- responses

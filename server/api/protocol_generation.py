@@ -85,6 +85,27 @@ def _check_stop(value: Any) -> Any:
     raise ValueError("must be a string or a list of strings")
 
 
+def _check_unicode(data: Any) -> Any:
+    """JSON may escape a lone surrogate ("\\ud800"), which is no Unicode text: no tokenizer (nor UTF-8) takes it,
+    so any string of the body holding one is a 400 naming where it is (not a 500 from the tokenizer)."""
+    stack = [((), data)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*path, key), key) for key in value if isinstance(key, str))
+            stack.extend(((*path, key), item) for key, item in value.items())
+        elif isinstance(value, list):
+            stack.extend(((*path, index), item) for index, item in enumerate(value))
+        elif isinstance(value, str) and not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                where = ".".join(map(str, path)) or "the body"
+                raise ValueError(f"{where}: not valid Unicode text: lone surrogate {value[exc.start]!r} at "
+                                 f"character {exc.start}") from None
+    return data
+
+
 def _drop_nulls(data: Any) -> Any:
     """Clients send ``"temperature": null`` and the like for "not set": use the default."""
     return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
@@ -157,7 +178,7 @@ class SamplingFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
+        return _drop_nulls(_check_unicode(data))
 
     @field_validator("stop", mode="before")
     @classmethod
