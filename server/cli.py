@@ -85,12 +85,45 @@ def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
                    help="adapters named in metric labels; the rest are counted as __other__")
 
 
+def _add_ray_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Ray Serve (the [ray] extra; docs/DEPLOY.md)")
+    g.add_argument("--ray", action="store_true", default=_env("ray", "").lower() in ("1", "true", "yes"),
+                   help="serve with engine replicas on Ray Serve behind one endpoint (adapter affinity)")
+    g.add_argument("--replicas", type=int, default=_env("replicas", 1), help="engine replicas (with --ray)")
+    g.add_argument("--ray-address", default=_env("ray_address", None),
+                   help="join this Ray cluster (e.g. auto); default: start a local one")
+    g.add_argument("--replica-cpus", type=float, default=_env("replica_cpus", 1.0),
+                   help="CPUs reserved per engine replica, also its torch threads (with --ray)")
+    g.add_argument("--replica-gpus", type=float, default=_env("replica_gpus", None),
+                   help="GPUs per engine replica, fractions allowed (default: 1 if CUDA is visible, else 0)")
+    g.add_argument("--ray-num-cpus", type=int, default=_env("ray_num_cpus", None),
+                   help="CPUs of the local Ray cluster started without --ray-address (default: all)")
+
+
+def parse_ray_flags(argv: list[str] | None = None, require_flag: bool = True):
+    """server.serve.app.RayOptions from the command line, or None without --ray (when ``require_flag``)."""
+    p = argparse.ArgumentParser(prog="adapter-server", add_help=False)
+    _add_ray_flags(p)
+    a, _ = p.parse_known_args(argv)
+    if require_flag and not a.ray:
+        return None
+    if a.replicas < 1 or a.replica_cpus <= 0 or (a.replica_gpus is not None and a.replica_gpus < 0):
+        p.error("--replicas and --replica-cpus must be positive, --replica-gpus not negative")
+    try:
+        from server.serve.app import RayOptions
+    except ImportError as exc:
+        p.error(f"--ray needs Ray Serve: pip install 'adapter-server[ray]' ({exc})")
+    return RayOptions(replicas=a.replicas, address=a.ray_address, replica_cpus=a.replica_cpus,
+                      replica_gpus=a.replica_gpus, num_cpus=a.ray_num_cpus)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfig]:
     e, s = EngineConfig(), ServerConfig()
     p = argparse.ArgumentParser(prog="adapter-server", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_engine_flags(p, e)
     _add_server_flags(p, s)
+    _add_ray_flags(p)
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1 or a.max_prefill_tokens < 1:
         p.error("--max-batch, --max-seq-len, --max-waiting and --max-prefill-tokens must be positive")
@@ -131,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     if not load_keys(server_config).enabled and server_config.host not in (LOOPBACK, "localhost", "::1"):
         log.warning("no API keys configured and binding to %s: anyone who can reach this port can manage adapters",
                     server_config.host)
+    ray_options = parse_ray_flags(argv)
+    if ray_options is not None:
+        from server.serve.app import run
+
+        return run(engine_config, server_config, ray_options)
     engine = build_engine(engine_config)
     uvicorn.run(create_app(engine, server_config), host=server_config.host, port=server_config.port,
                 log_level=server_config.log_level.lower())

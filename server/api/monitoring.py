@@ -21,7 +21,8 @@ async def health(ctx: ServerContext = Depends(get_context)):
 
 @router.get("/metrics")
 async def metrics(ctx: ServerContext = Depends(get_context)):
-    body, content_type = ctx.metrics.render()
+    render_async = getattr(ctx.metrics, "render_async", None)  # metrics gathered from elsewhere (Ray replicas)
+    body, content_type = await render_async() if render_async is not None else ctx.metrics.render()
     return Response(body, media_type=content_type)
 
 
