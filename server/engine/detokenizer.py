@@ -27,12 +27,14 @@ class IncrementalDetokenizer:
                 text, self.stopped, final = text[:at], True, True
                 break
         if not final:
-            if text.endswith("\ufffd"):
-                hold = 1
+            # Incomplete characters (trailing U+FFFD) are held back, and so is a tail *before* them that
+            # could start a stop string: the character may complete the stop at the next token.
+            body = text.rstrip("\ufffd")
+            pending = hold = len(text) - len(body)
             for stop in self.stop:
-                for n in range(min(len(stop) - 1, len(text)), 0, -1):
-                    if text.endswith(stop[:n]):
-                        hold = max(hold, n)
+                for n in range(min(len(stop) - 1, len(body)), 0, -1):
+                    if body.endswith(stop[:n]):
+                        hold = max(hold, pending + n)
                         break
         self.text = text
         end = len(text) - hold
