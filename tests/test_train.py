@@ -41,6 +41,7 @@ HYPER = {
 }
 KINDS = tuple(HYPER)
 THREADS = 1
+BUILTIN = "tiny-llama-builtin"  # the trainer's default base is the real default model; these tests use the tiny one
 TIMINGS: dict[str, float] = {}
 
 
@@ -54,7 +55,7 @@ def task_rows() -> list[dict]:
 
 
 def config(kind: str, data: Path, out: Path, cache: Path, **overrides) -> TrainConfig:
-    values = dict(HYPER[kind], eval_fraction=0.0, progress=False, threads=THREADS, device="cpu")
+    values = dict(HYPER[kind], base=BUILTIN, eval_fraction=0.0, progress=False, threads=THREADS, device="cpu")
     values.update(overrides)
     return TrainConfig(kind=kind, data=data, out=out, cache_dir=cache, **values)
 
@@ -319,8 +320,8 @@ def test_bad_options_are_refused(cache, task_file, tmp_path):
 
 def test_cli_reports_dataset_errors_with_exit_code_2(tmp_path, cache, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'])
-    code = main(["--kind", "lora", "--data", str(bad), "--out", str(tmp_path / "o"), "--cache-dir", str(cache),
-                 "--no-progress", "-q"])
+    code = main(["--kind", "lora", "--data", str(bad), "--out", str(tmp_path / "o"), "--base", BUILTIN,
+                 "--cache-dir", str(cache), "--no-progress", "-q"])
     captured = capsys.readouterr()
     assert code == 2 and not (tmp_path / "o").exists()
     assert captured.err.strip() == f'adapterctl train: {bad} line 2: has "prompt" but no "completion"'
@@ -356,9 +357,9 @@ def test_cli_trains_and_uploads(fake_server, task_file, cache, tmp_path, capsys,
     monkeypatch.setenv("ADAPTER_SERVER_URL", server.url)
     monkeypatch.setenv("ADAPTER_SERVER_API_KEY", "sekrit")
     out = tmp_path / "cli-lora"
-    code = main(["--kind", "lora", "--data", str(task_file), "--out", str(out), "--cache-dir", str(cache),
-                 "--steps", "3", "--lr", "1e-2", "--threads", "1", "--no-progress", "-q", "--json",
-                 "--upload", "my-lora", "--overwrite"])
+    code = main(["--kind", "lora", "--data", str(task_file), "--out", str(out), "--base", BUILTIN,
+                 "--cache-dir", str(cache), "--steps", "3", "--lr", "1e-2", "--threads", "1", "--no-progress", "-q",
+                 "--json", "--upload", "my-lora", "--overwrite"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads(captured.out)
@@ -379,8 +380,8 @@ def test_cli_upload_failures_exit_codes(task_file, cache, tmp_path, capsys, fake
     from tests.server_harness import free_port
 
     server, _ = fake_server
-    args = ["--kind", "ia3", "--data", str(task_file), "--cache-dir", str(cache), "--steps", "1", "--threads", "1",
-            "--no-progress", "-q"]
+    args = ["--kind", "ia3", "--data", str(task_file), "--base", BUILTIN, "--cache-dir", str(cache), "--steps", "1",
+            "--threads", "1", "--no-progress", "-q"]
     assert main(args + ["--out", str(tmp_path / "a"), "--upload", "taken", "--server", server.url]) == 1
     assert "409 adapter 'taken' already exists" in capsys.readouterr().err
     assert (tmp_path / "a" / "adapter_model.safetensors").exists()  # the trained adapter is kept
