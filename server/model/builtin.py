@@ -31,15 +31,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import zlib
 from pathlib import Path
 
 import torch
 
-from adapters.fsutil import fsync_path
+from adapters.fsutil import fsync_path, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -198,29 +196,5 @@ def ensure_builtin_model(cache_dir: Path | None = None) -> Path:
 
 
 def _create(target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("creating built-in model %s in %s", BUILTIN_MODEL_NAME, target)
-    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}.tmp-", dir=target.parent))
-    try:
-        _write_model(tmp)
-        if target.exists() and not _is_complete(target):
-            # Stale (older recipe) or damaged: move it aside atomically, then delete it.
-            logger.warning("replacing incomplete or outdated %s", target)
-            trash = Path(tempfile.mkdtemp(prefix=f".{BUILTIN_MODEL_NAME}.old-", dir=target.parent))
-            try:
-                os.rename(target, trash / "old")
-            except FileNotFoundError:
-                pass  # another caller moved it first
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, target)  # fails if a concurrent caller already put one in place
-        except OSError:
-            if not _is_complete(target):
-                raise
-            logger.info("another process created %s first; using it", target)
-        else:
-            tmp = None
-            fsync_path(target.parent)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    publish_dir(target, _write_model, _is_complete)

@@ -35,12 +35,11 @@ import logging
 import os
 import shutil
 import struct
-import tempfile
 import threading
 from importlib.metadata import version
 from pathlib import Path
 
-from adapters.fsutil import fsync_path
+from adapters.fsutil import fsync_path, publish_dir
 from server.model.builtin import default_cache_dir
 
 logger = logging.getLogger(__name__)
@@ -230,34 +229,14 @@ def _link_files(src_dir: Path, dest: Path, name: str) -> None:
 
 
 def _create(src: Path, target: Path, sha256: str, arch: str) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("converting %s (%s) into %s (once; about half a minute)", src, arch, target)
-    tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         sibling = next((d for d in target.parent.iterdir() if d.name != target.name and not d.name.startswith(".")
                         and is_complete(d, sha256)), None)
         if sibling is not None:  # the same bytes converted under another name: share its files
             _link_files(sibling, tmp, target.name)
         else:
             convert(src, tmp, sha256, arch, target.name)
-        if target.exists() and not is_complete(target, sha256):
-            # Damaged or from an older converter: move it aside atomically, then delete it.
-            logger.warning("replacing incomplete or outdated %s", target)
-            trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            try:
-                os.rename(target, trash / "old")
-            except FileNotFoundError:
-                pass  # another caller moved it first
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.rename(tmp, target)  # fails if a concurrent caller already put one in place
-        except OSError:
-            if not is_complete(target, sha256):
-                raise
-            logger.info("another process converted %s first; using it", target)
-        else:
-            tmp = None
-            fsync_path(target.parent)
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    publish_dir(target, write, lambda path: is_complete(path, sha256))
