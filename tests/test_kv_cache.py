@@ -16,7 +16,8 @@ def test_write_and_read_touches_only_the_new_tokens(dtype, first_row, t):
     starts = torch.tensor([0, 7, 11 - t])[:, None]
     cache_pos = starts + torch.arange(t)  # [B, T]
     k, v = torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
-    keys, values = cache.write_and_read(1, slice(first_row, first_row + b), cache_pos, k, v, kv_len=12)
+    rows = slice(first_row, first_row + b)
+    keys, values = cache.write_and_read(1, rows, cache.flat_index(rows, cache_pos), k, v, kv_len=12)
     expected_k, expected_v = before_k.clone(), before_v.clone()
     for i in range(b):
         for j in range(t):

@@ -26,9 +26,20 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 
-    def write_and_read(self, layer: int, rows: slice, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def flat_index(self, rows: slice, cache_pos: torch.Tensor) -> torch.Tensor:
+        """[B*Hkv*T] index into a layer viewed as [rows*Hkv*S, D] of the new tokens at cache_pos [B, T] of
+        rows (B = cache_pos rows, starting at rows.start), in k's [B, Hkv, T] order. The same for every layer,
+        so a forward computes it once (StepInputs)."""
+        b, _ = cache_pos.shape
+        heads, s = self.k.shape[2], self.k.shape[3]
+        row = torch.arange(rows.start, rows.start + b, device=cache_pos.device)
+        head = torch.arange(heads, device=cache_pos.device)
+        return ((row[:, None, None] * heads + head[None, :, None]) * s + cache_pos[:, None, :]).reshape(-1)
+
+    def write_and_read(self, layer: int, rows: slice, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new k, v [B, Hkv, T, D] at cache_pos [B, T]; return views [B, Hkv, L, D] of rows[:kv_len].
+        """Store new k, v [B, Hkv, T, D] at `index` (`flat_index` of their cache positions); return views
+        [B, Hkv, L, D] of rows[:kv_len].
 
         The write copies only the B*Hkv*T new D-vectors (`index_copy_` into the layer viewed as
         [rows*Hkv*S, D]), so it costs O(new tokens) whatever S. Measured here (fp32, B=32, Hkv=12,
@@ -36,11 +47,7 @@ class KVCache:
         `Tensor.scatter_` along dim 2 of the strided row view was 10 ms at S=56 and 112 ms at
         S=1024 (bf16) and took 93% of a served decode step (bench_engine prints the comparison).
         """
-        b, hkv, t, d = k.shape
-        _, heads, s, _ = self.k.shape[1:]
-        row = torch.arange(rows.start, rows.start + b, device=cache_pos.device)
-        head = torch.arange(heads, device=cache_pos.device)
-        index = ((row[:, None, None] * heads + head[None, :, None]) * s + cache_pos[:, None, :]).reshape(-1)  # [B*Hkv*T]
+        d = k.shape[-1]
         k_layer, v_layer = self.k[layer], self.v[layer]  # [rows, Hkv, S, D], contiguous
         k_layer.view(-1, d).index_copy_(0, index, k.to(k_layer.dtype).reshape(-1, d))
         v_layer.view(-1, d).index_copy_(0, index, v.to(v_layer.dtype).reshape(-1, d))

@@ -145,7 +145,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        keys, values = step.cache.write_and_read(self.layer_idx, step.rows, step.cache_pos, k, v, step.kv_len)
+        keys, values = step.cache.write_and_read(self.layer_idx, step.rows, step.kv_index, k, v, step.kv_len)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
@@ -192,6 +192,7 @@ class StepInputs:
     cache_pos: [B, T] cache slot each new token's K/V is written to
     kv_len:    L, the cache length every row attends over (max over rows)
     attn_mask: [B, 1, T, L] bool, True where a query may attend
+    kv_index:  [B*Hkv*T] flat cache index of each new K/V vector, the same in every layer
     """
 
     cache: KVCache
@@ -200,6 +201,11 @@ class StepInputs:
     cache_pos: torch.Tensor
     kv_len: int
     attn_mask: torch.Tensor
+    kv_index: torch.Tensor | None = None  # [B*Hkv*T] where the new K/V go in a layer's flat cache (computed once)
+
+    def __post_init__(self) -> None:
+        if self.kv_index is None:
+            self.kv_index = self.cache.flat_index(self.rows, self.cache_pos)
 
 
 class Transformer(nn.Module):
