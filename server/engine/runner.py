@@ -12,6 +12,7 @@ The adapter routing of each forward is set on entry and cleared on exit
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -21,7 +22,7 @@ from server.engine.request import Request, TokenLogprob
 from server.engine.sampling import RowSampling, sample, token_logprobs
 from server.engine.scheduler import PrefillChunk, RowMove, StepPlan
 from server.model.kv_cache import KVCache
-from server.model.llama import StepInputs, Transformer
+from server.model.llama import FlatStep, StepInputs, Transformer
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,29 @@ class StepOutput:
     sampled: list[SampledToken] = field(default_factory=list)
     # per scored chunk: the logprobs of the prompt tokens it predicts (the first chunk's list starts with None)
     prompt_logprobs: list[tuple[Request, list[TokenLogprob | None]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Part:
+    """Rows of one forward group: ids [b][t] (padded), cache rows, cache_pos/rope_pos [b, t], the row-major
+    token indices whose logits are wanted, and each row's request (for adapter routing)."""
+
+    ids: list[list[int]]
+    rows: slice
+    cache_pos: torch.Tensor
+    rope_pos: torch.Tensor
+    wanted: list[int]
+    requests: list | None
+
+
+@contextmanager
+def _mapped(adapters, requests):
+    """The adapter routing of one forward, when the caller gave an adapter pool."""
+    if adapters is None:
+        yield
+    else:
+        with adapters.mapped(requests):
+            yield
 
 
 def _score_chunk(chunk: PrefillChunk, logits: torch.Tensor) -> list[TokenLogprob | None]:
@@ -73,33 +97,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, plan: StepPlan, adapters, sampling_of: Callable[[Request], RowSampling]) -> StepOutput:
-        """Run the plan's prefill forwards, then its decode forward; sample every row that decoded or finished
-        its prompt this step (unless it asked for no tokens), and score prompt tokens where asked.
-        `adapters` provides `mapped(requests)` and `prefix_for(request)`."""
+        """Run the plan's prefill groups and decode rows, in one forward when there are several (the weights
+        are read once per step: a prompt chunk beside decoding rows costs its compute, not a second pass over
+        the weights); sample every row that decoded or finished its prompt this step (unless it asked for no
+        tokens), and score prompt tokens where asked. `adapters` provides `mapped(requests)` and
+        `prefix_for(request)`."""
         out = StepOutput()
-        rows: list[Request] = []
-        logits: list[torch.Tensor] = []  # [n, V] blocks, in `rows` order
         for group in plan.prefill:
             for chunk in group:
                 prefix = adapters.prefix_for(chunk.request) if chunk.first else None
                 if prefix is not None:
                     self.cache.write_prefix(chunk.row, *prefix)
-            scored = {i for i, c in enumerate(group) if c.request.params.prompt_logprobs is not None}
-            with adapters.mapped([c.request for c in group]):
-                flat = self.prefill(group[0].row, [c.token_ids for c in group], [c.start for c in group], scored)
+        scored = [{i for i, c in enumerate(g) if c.request.params.prompt_logprobs is not None} for g in plan.prefill]
+        parts = [self._prefill_part(g[0].row, [c.token_ids for c in g], [c.start for c in g], s, [c.request for c in g])
+                 for g, s in zip(plan.prefill, scored)]
+        decode = plan.decode
+        if decode is not None:
+            parts.append(self._decode_part(decode.token_ids, decode.positions, decode.requests))
+        if not parts:
+            return out
+        blocks = self._forward(parts, adapters)  # [K_i, V] per part
+        rows: list[Request] = []
+        logits: list[torch.Tensor] = []  # [n, V] blocks, in `rows` order
+        for group, group_scored, flat in zip(plan.prefill, scored, blocks):
             offset = 0
             for i, chunk in enumerate(group):
-                n = len(chunk.token_ids) if i in scored else 1
+                n = len(chunk.token_ids) if i in group_scored else 1
                 block, offset = flat[offset:offset + n], offset + n  # [n, V]
-                if i in scored:
+                if i in group_scored:
                     out.prompt_logprobs.append((chunk.request, _score_chunk(chunk, block)))
                 if chunk.last and chunk.request.params.max_tokens != 0:
                     rows.append(chunk.request)
                     logits.append(block[-1:])
-        decode = plan.decode
         if decode is not None:
-            with adapters.mapped(decode.requests):
-                block = self.decode(decode.token_ids, decode.positions)  # [B, V]
+            block = blocks[-1]  # [B, V]
             keep = [i for i, s in enumerate(decode.sampled) if s]
             rows += [decode.requests[i] for i in keep]
             logits.append(block if len(keep) == len(decode.sampled) else block[keep])
@@ -108,41 +139,70 @@ class ModelRunner:
             out.sampled = [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
         return out
 
+    def _prefill_part(self, first_row: int, prompts: list[list[int]], starts: list[int], every_token: set[int],
+                      requests: list | None = None) -> _Part:
+        """N prompts right-padded to the longest, T, written at cache positions starts[i].. of rows
+        first_row..: a padding token's K/V lands past its row's length, where that row's own later tokens
+        overwrite it before any query reads it (the mask stops every query at its own position). Logits are
+        wanted of each prompt's last token, or of all its tokens if its index is in every_token. The caller
+        keeps starts[i] + T within the cache (`plan_prefill`)."""
+        t = max(len(p) for p in prompts)
+        ids = [p + [0] * (t - len(p)) for p in prompts]
+        cache_pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None] + torch.arange(
+            t, device=self.device)  # [N, T]
+        wanted = [i * t + j for i, p in enumerate(prompts)
+                  for j in (range(len(p)) if i in every_token else (len(p) - 1,))]
+        return _Part(ids, slice(first_row, first_row + len(prompts)), cache_pos, cache_pos, wanted, requests)
+
+    def _decode_part(self, token_ids: list[int], positions: list[int], requests: list | None = None,
+                     rope_positions: list[int] | None = None) -> _Part:
+        """Rows 0..B-1 feed one token each at their cache positions; logits of every row."""
+        cache_pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
+        rope = cache_pos if rope_positions is None else torch.tensor(rope_positions, device=self.device)[:, None]
+        return _Part([[t] for t in token_ids], slice(0, len(token_ids)), cache_pos, rope,
+                     list(range(len(token_ids))), requests)
+
+    def _step_inputs(self, part: _Part, start: int = 0) -> StepInputs:
+        kv_len = int(part.cache_pos.max()) + 1
+        return StepInputs(self.cache, part.rows, part.rope_pos, part.cache_pos, kv_len,
+                          self._mask(part.cache_pos, kv_len), start=start)
+
+    def _forward(self, parts: list[_Part], adapters=None) -> list[torch.Tensor]:
+        """Logits [len(part.wanted), V] for each part: one padded [B, T] forward for a single part, else one
+        flat [N, 1] forward whose attention runs per part (FlatStep)."""
+        if len(parts) == 1:
+            part = parts[0]
+            ids = torch.tensor(part.ids, dtype=torch.long, device=self.device)
+            index = torch.tensor(part.wanted, device=self.device)
+            with _mapped(adapters, part.requests):
+                return [self.model(ids, self._step_inputs(part), logits_index=index)]
+        groups, wanted, requests, start = [], [], [], 0
+        for part in parts:
+            groups.append(self._step_inputs(part, start))
+            wanted += [start + w for w in part.wanted]
+            t = len(part.ids[0])
+            requests += [r for r in part.requests for _ in range(t)]  # each token routed like its row
+            start += len(part.ids) * t
+        ids = torch.tensor([[tok] for part in parts for row in part.ids for tok in row], device=self.device)
+        rope = torch.cat([part.rope_pos.reshape(-1, 1) for part in parts])  # [N, 1]
+        with _mapped(adapters, requests):
+            logits = self.model(ids, FlatStep(self.cache, rope, groups),
+                                logits_index=torch.tensor(wanted, device=self.device))
+        return list(logits.split([len(p.wanted) for p in parts]))
+
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int],
                 every_token: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
-        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward; returns logits [K, V]:
-        for each prompt in order, of its last token, or of all its tokens if its index is in every_token
-        (so K = N when every_token is empty).
-
-        Prompt i is written at cache positions starts[i].. (after any prefix K/V already
-        there). Prompts are right-padded to the longest, T: a padding token's K/V lands
-        past its row's length, where that row's own later tokens overwrite it before any
-        query reads it (the mask stops every query at its own position). The caller
-        keeps starts[i] + T within the cache (`plan_prefill`).
-        """
-        n, t = len(prompts), max(len(p) for p in prompts)
-        ids = torch.tensor([p + [0] * (t - len(p)) for p in prompts], dtype=torch.long, device=self.device)
-        cache_pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None] + torch.arange(
-            t, device=self.device)  # [N, T]
-        kv_len = max(starts) + t
-        step = StepInputs(self.cache, slice(first_row, first_row + n), cache_pos, cache_pos, kv_len,
-                          self._mask(cache_pos, kv_len))
-        wanted = [i * t + j for i, p in enumerate(prompts)
-                  for j in (range(len(p)) if i in every_token else (len(p) - 1,))]
-        return self.model(ids, step, logits_index=torch.tensor(wanted, device=self.device))
+        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward (see `_prefill_part`);
+        returns logits [K, V]: for each prompt in order, of its last token, or of all its tokens if its index
+        is in every_token (so K = N when every_token is empty). The caller sets the adapter mapping."""
+        return self._forward([self._prefill_part(first_row, prompts, starts, set(every_token))])[0]
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], cache_positions: list[int], rope_positions: list[int] | None = None
                ) -> torch.Tensor:
-        """Feed one token per running row (rows 0..B-1); returns logits [B, V]."""
-        b = len(token_ids)
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)[:, None]
-        cache_pos = torch.tensor(cache_positions, dtype=torch.long, device=self.device)[:, None]
-        rope_pos = cache_pos if rope_positions is None else torch.tensor(rope_positions, device=self.device)[:, None]
-        kv_len = max(cache_positions) + 1
-        step = StepInputs(self.cache, slice(0, b), rope_pos, cache_pos, kv_len, self._mask(cache_pos, kv_len))
-        return self.model(ids, step, logits_index=torch.arange(b, device=self.device))
+        """Feed one token per running row (rows 0..B-1); returns logits [B, V]. The caller sets the mapping."""
+        return self._forward([self._decode_part(token_ids, cache_positions, rope_positions=rope_positions)])[0]
 
     def apply_moves(self, moves: list[RowMove]) -> None:
         for move in moves:

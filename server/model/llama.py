@@ -145,9 +145,24 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
+            out = torch.cat([self._attend(g, q[g.start:g.stop], k[g.start:g.stop], v[g.start:g.stop], step.cache)
+                             for g in step.groups])  # [N, H*D]
+            return self.o_proj(out.view(b, t, -1))
         keys, values = step.cache.write_and_read(self.layer_idx, step.rows, step.kv_index, k, v, step.kv_len)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+
+    def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: KVCache) -> torch.Tensor:
+        """One group of a flat forward: q [n, H, 1, D], k/v [n, Hkv, 1, D] with n = rows * t, row-major ->
+        [n, H*D]."""
+        rows, t = g.cache_pos.shape
+        def grouped(x):  # [n, h, 1, D] -> [rows, h, t, D]
+            return x[:, :, 0].reshape(rows, t, x.shape[1], self.head_dim).transpose(1, 2)
+        keys, values = cache.write_and_read(self.layer_idx, g.rows, g.kv_index, grouped(k), grouped(v), g.kv_len)
+        out = F.scaled_dot_product_attention(grouped(q), keys, values, attn_mask=g.attn_mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(rows * t, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -203,9 +218,31 @@ class StepInputs:
     attn_mask: torch.Tensor
     kv_index: torch.Tensor | None = None  # [B*Hkv*T] where the new K/V go in a layer's flat cache (computed once)
 
+    start: int = 0  # in a FlatStep: the group's first token in the flat batch
+
     def __post_init__(self) -> None:
         if self.kv_index is None:
             self.kv_index = self.cache.flat_index(self.rows, self.cache_pos)
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.cache_pos.numel()
+
+
+@dataclass
+class FlatStep:
+    """One forward over several groups of rows (e.g. a prefill chunk and the decode rows), so the weights are
+    read once for all of them: input_ids are [N, 1], every token its own "row" for the linears (so adapter
+    routing is per token), and attention runs per group, each a StepInputs over its own cache rows whose
+    tokens are [start, stop) of the N, row-major.
+
+    rope_pos: [N, 1] rope position of each token
+    groups:   StepInputs with `start` set, covering 0..N in order
+    """
+
+    cache: KVCache
+    rope_pos: torch.Tensor
+    groups: list[StepInputs]
 
 
 class Transformer(nn.Module):
