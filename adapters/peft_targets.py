@@ -48,7 +48,9 @@ class BaseSpec:
 
     ``module_shapes`` maps each linear module name of a decoder layer (``q_proj``, ``k_proj``,
     ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``) to
-    ``(in_features, out_features)``; every layer has the same shapes.
+    ``(in_features, out_features)``; every layer has the same shapes. ``biased_modules``: the
+    short names of the linears that have a bias (Qwen2: q/k/v; Llama with ``attention_bias``:
+    q/k/v/o; ``mlp_bias``: gate/up/down), as the server's model builds them.
     """
 
     name: str
@@ -58,6 +60,7 @@ class BaseSpec:
     num_kv_heads: int
     head_dim: int
     module_shapes: dict[str, tuple[int, int]]
+    biased_modules: frozenset[str] = frozenset()
 
     @classmethod
     def from_hf_config(cls, config: Any, name: str) -> "BaseSpec":
@@ -78,8 +81,15 @@ class BaseSpec:
             "up_proj": (hidden, inter),
             "down_proj": (inter, hidden),
         }
+        if getattr(config, "model_type", "") == "qwen2":  # as server.model.llama.ModelArgs builds the layers
+            biased = {"q_proj", "k_proj", "v_proj"}
+        else:
+            biased = {"q_proj", "k_proj", "v_proj", "o_proj"} if getattr(config, "attention_bias", False) else set()
+            if getattr(config, "mlp_bias", False):
+                biased |= {"gate_proj", "up_proj", "down_proj"}
         return cls(name=str(name or ""), num_layers=int(config.num_hidden_layers), hidden_size=hidden,
-                   num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, module_shapes=shapes)
+                   num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, module_shapes=shapes,
+                   biased_modules=frozenset(biased))
 
     def module_name(self, layer: int, module: str) -> str:
         """Full PEFT module name, e.g. ``model.layers.3.self_attn.q_proj``."""
@@ -200,12 +210,45 @@ def parse_key(key: str, param_names: tuple[str, ...], base: BaseSpec) -> tuple[i
             raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_NAME}")
     elif param.startswith("lora_"):
         if rest and rest[-1] == "bias":
-            raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} is a LoRA bias, which is not served")
-        if not (rest == ["weight"] or (len(rest) == 2 and rest[1] == "weight")):
+            if param != "lora_B" or "lora_B.bias" not in param_names or len(rest) > 2:
+                raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} is a LoRA bias, but {CONFIG_NAME} does not set "
+                                   "lora_bias=true; the config and weights disagree")
+            param = "lora_B.bias"
+        elif not (rest == ["weight"] or (len(rest) == 2 and rest[1] == "weight")):
             raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_NAME}")
     elif len(rest) > 1:
         raise AdapterError(f"unexpected tensor {key!r} in {WEIGHTS_NAME}")
+    check_module(key, layer, parent, module, base)
+    return layer, module, param
+
+
+def check_module(key: str, layer: int, parent: str, module: str, base: BaseSpec) -> None:
+    """Refuse a tensor whose (layer, parent, module) is not a decoder linear of ``base``."""
     if LINEAR_MODULES.get(module) != parent or module not in base.module_shapes or layer >= base.num_layers:
         raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} is for module layers.{layer}.{parent}.{module}, which "
                            f"the base {base.name or '(unnamed)'} ({base.num_layers} layers) does not have")
-    return layer, module, param
+
+
+BIAS_RE = re.compile(r"^(?:base_model\.model\.)?(?P<name>.*?)(?:\.base_layer)?\.bias$")
+LAYER_MODULE_RE = re.compile(r"^(?:model\.)?layers\.(?P<layer>\d+)\.(?P<parent>[A-Za-z0-9_]+)\.(?P<module>[A-Za-z0-9_]+)$")
+
+
+def parse_base_bias_key(key: str, base: BaseSpec) -> tuple[int, str] | None:
+    """A trained *base* bias as PEFT saves it with ``bias="all"`` / ``"lora_only"``:
+    ``...layers.{i}.{parent}.{module}.bias`` (untargeted module) or ``...{module}.base_layer.bias``
+    (LoRA-targeted module) -> (layer, module); None if ``key`` is no bias. Refuses biases outside the
+    decoder linears (norms, embeddings, lm_head) and biases of linears the base has without one."""
+    m = BIAS_RE.match(key)
+    if not m or ".lora_" in key:
+        return None
+    lm = LAYER_MODULE_RE.match(m["name"])
+    if not lm:
+        raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} is a trained bias of {m['name']}, which is not a decoder "
+                           "linear (q/k/v/o/gate/up/down projection); only those biases are served")
+    layer, parent, module = int(lm["layer"]), lm["parent"], lm["module"]
+    check_module(key, layer, parent, module, base)
+    if module not in base.biased_modules:
+        raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} is a trained bias of {base.module_name(layer, module)}, "
+                           f"which has no bias in the base {base.name or '(unnamed)'}; PEFT would ignore it: retrain "
+                           "on this base, or drop the tensor")
+    return layer, module

@@ -23,8 +23,10 @@ def make_lora(base_dir: Path, path: Path, seed: int, r: int = 8, targets=("q_pro
     model = get_peft_model(model, config)
     with torch.no_grad():  # PEFT's non-zero init is small; make the delta clearly visible in outputs
         for name, param in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name:  # lora_B.bias too (lora_bias=True)
                 param.normal_(0, 0.1)
+            elif name.endswith(".bias") and param.requires_grad:  # bias="all"/"lora_only": "trained" base biases
+                param.add_(torch.randn_like(param) * 0.3)
     return _save(model, path, base_dir)
 
 
@@ -43,6 +45,8 @@ def make_dora(base_dir: Path, path: Path, seed: int, r: int = 8,
                 param.normal_(0, 0.1)
             elif "lora_magnitude_vector" in name:
                 param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+            elif name.endswith(".bias") and param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.3)
     return _save(model, path, base_dir)
 
 

@@ -48,6 +48,13 @@ class DoraAdapter(LoraAdapter):
         return str(config.get("peft_type", "")).upper() == "LORA" and config.get("use_dora") is True
 
     @classmethod
+    def check_config(cls, config: dict) -> None:
+        if config.get("lora_bias"):  # PEFT's LoraConfig refuses the pair too
+            raise AdapterError(f"{CONFIG_NAME} sets lora_bias=true with use_dora=true: PEFT does not support lora_bias "
+                               "for DoRA; retrain with one of them")
+        super().check_config(config)
+
+    @classmethod
     def inspect(cls, config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[str]]:
         rank, modules = super().inspect(config, shapes)
         factors = {k.split(".lora_A")[0] for k in shapes if ".lora_A" in k}
@@ -69,7 +76,6 @@ class DoraAdapter(LoraAdapter):
             self.magnitude[(layer, module)] = load_tensor(handle, key, dtype)
         self.nbytes += sum(v.nbytes for v in self.magnitude.values())
 
-    def write(self, layers: dict, slot: int) -> None:
-        super().write(layers, slot)
+    def _write_extra(self, layers: dict, slot: int) -> None:
         for key, m in self.magnitude.items():
             layers[key].set_dora(slot, m)

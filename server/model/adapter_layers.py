@@ -8,16 +8,20 @@ by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
 - ia3_out [S+1, O]: IA3 output scale (PEFT's non-feed-forward modules: y = (W x + b) * l);
 - ia3_in [S+1, I]: IA3 input scale (feed-forward modules: y = W (x * l) + b);
 - dora_scale [S+1, O]: DoRA's g = m / ||W + sBA||_row, and, when the base has a bias,
-  dora_shift [S+1, O] = b * (1 - g), so that y * g + b (1 - g) = g (W x + s B A x) + b.
+  dora_shift [S+1, O] = b * (1 - g), so that y * g + b (1 - g) = g (W x + s B A x) + b;
+- bias_delta [S+1, O]: an additive bias (LoRA's ``lora_bias`` s * b_B, times g under DoRA, plus
+  b_new - b for a trained base bias, PEFT ``bias="all"/"lora_only"``), allocated at the first slot
+  that has one; added last, only when a present slot has one.
 
 Slots are written only through the layer's methods (`clear`, `set_lora`, `set_ia3`,
-`set_dora`); `folded` gives a slot's adapter folded into the base weight (merge).
+`set_dora`, `set_bias`); `folded` gives a slot's adapter folded into the base weight (merge).
 A shared `BatchMapping` says which slot each row uses; it is set once per forward
 and read by all layers. Slots that a kind does not use stay at identity (zeros for
 LoRA, ones for IA3 and DoRA scales, zeros for the DoRA shift), so one formula serves
 every row:
 
     y = (base(x * ia3_in[s]) * ia3_out[s] + (x @ lora_a[s].T) @ lora_b[s]) * dora_scale[s] + dora_shift[s]
+        + bias_delta[s]
 
 (PEFT never puts LoRA and IA3 in one adapter, so the order of terms only matters
 per kind, and matches PEFT for each.) Each term runs only when a row of the batch
@@ -91,6 +95,8 @@ class AdapterLinear(nn.Module):
         self.dora_scale: torch.Tensor | None = None  # [S+1, O]
         self.dora_shift: torch.Tensor | None = None  # [S+1, O], only when the base has a bias
         self.dora_slots: set[int] = set()
+        self.bias_delta: torch.Tensor | None = None  # [S+1, O], at the first slot with a bias term
+        self.bias_slots: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
         m = self.mapping
@@ -116,6 +122,9 @@ class AdapterLinear(nn.Module):
             if self.dora_shift is not None:  # + b (1 - g); zero (exactly) for non-DoRA rows
                 y = y + (self.dora_shift.index_select(0, slots)[:, None, :] if slots.numel() > 1
                          else self.dora_shift[int(slots[0])])
+        if self.bias_slots and not self.bias_slots.isdisjoint(present):  # zero (exactly) for other rows
+            y = y + (self.bias_delta.index_select(0, slots)[:, None, :] if slots.numel() > 1
+                     else self.bias_delta[int(slots[0])])
         return y
 
     # ---- slot state ----
@@ -135,6 +144,9 @@ class AdapterLinear(nn.Module):
             if self.dora_shift is not None:
                 self.dora_shift[slot].zero_()
         self.dora_slots.discard(slot)
+        if self.bias_delta is not None:
+            self.bias_delta[slot].zero_()
+        self.bias_slots.discard(slot)
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """LoRA of PEFT's shapes: a [r, I], b [O, r]; the slot holds A and (scaling * B)^T."""
@@ -169,6 +181,24 @@ class AdapterLinear(nn.Module):
             self.dora_shift[slot] = (self.base.bias.detach().float() * (1 - g)).to(self.dora_shift.dtype)
         self.dora_slots.add(slot)
 
+    def set_bias(self, slot: int, lora_bias: torch.Tensor | None = None, new_bias: torch.Tensor | None = None) -> None:
+        """Bias terms of a slot, after `set_lora` / `set_dora`: ``lora_bias`` [O] = scaling * b_B (multiplied
+        here by DoRA's g when the slot is DoRA), ``new_bias`` [O] a trained bias replacing the base's (the slot
+        adds new_bias - b; the base must have a bias). Stored as one additive vector, computed in fp32."""
+        delta = torch.zeros(self.out_features, dtype=torch.float32, device=self.ia3_out.device)
+        if lora_bias is not None:
+            lora_bias = lora_bias.to(delta.device, torch.float32)
+            delta += lora_bias * self.dora_scale[slot].float() if slot in self.dora_slots else lora_bias
+        if new_bias is not None:
+            base = getattr(self.base, "bias", None)
+            if base is None:
+                raise ValueError("a trained base bias for a linear without a bias")
+            delta += new_bias.to(delta.device, torch.float32) - base.detach().float()
+        if self.bias_delta is None:
+            self.bias_delta = torch.zeros_like(self.ia3_out)
+        self.bias_delta[slot] = delta.to(self.bias_delta.dtype)
+        self.bias_slots.add(slot)
+
     def base_weight(self) -> torch.Tensor:
         """The base's [O, I] weight in compute dtype, dequantized if the base is bitsandbytes."""
         return dequantized_weight(self.base, self.lora_a.dtype)
@@ -183,11 +213,12 @@ class AdapterLinear(nn.Module):
 
         LoRA: W + B^T A. IA3 (PEFT's order): out-scaling y = (W x + b) * l gives l W and l b;
         in-scaling y = W (x * l) + b gives W diag(l). DoRA: g (W + B^T A) with b unchanged (PEFT's
-        merge: exact).
+        merge: exact). A bias term: b + bias_delta (a bias of its own where the base has none).
         """
         rank = self.lora_ranks[slot]
         scales_in, scales_out = slot in self.ia3_in_slots, slot in self.ia3_out_slots
-        if not (rank or scales_in or scales_out):
+        biased = slot in self.bias_slots
+        if not (rank or scales_in or scales_out or biased):
             return None
         weight, bias = self.base_weight(), self.base_bias()
         if rank:
@@ -199,6 +230,8 @@ class AdapterLinear(nn.Module):
             bias = None if bias is None else bias * self.ia3_out[slot]
         if slot in self.dora_slots:
             weight = weight * self.dora_scale[slot][:, None]
+        if biased:
+            bias = self.bias_delta[slot].clone() if bias is None else bias + self.bias_delta[slot]
         return weight, bias
 
 
