@@ -1,6 +1,7 @@
 """The adapter trainer: ``adapterctl train`` and :func:`train_adapter`, producing PEFT adapter dirs.
 
-Trains one LoRA, IA3 or prefix-tuning adapter with HF PEFT on a Llama-family base -- by default the
+Trains one LoRA (``--lora-bias``: with a trained lora_B bias), DoRA, IA3, prefix-tuning, prompt-tuning or
+P-tuning adapter with HF PEFT on a Llama-family base -- by default the
 server's default model (SmolLM2-135M-Instruct, :mod:`server.model.default_model`); ``--base`` takes a
 checkpoint dir, a ``.gguf`` file or ``tiny-llama-builtin``, as the server's ``--model`` -- from a JSONL
 dataset (see :mod:`adapters.dataset`), and writes a standard PEFT directory -- exactly
@@ -14,7 +15,9 @@ project's server load without conversion.
   in the trained format, after 30 steps 12, 12 and 11.
 * Default learning rates per kind (:data:`adapters.train_config.DEFAULT_LR`, measured there too):
   LoRA 1e-3 (q_proj, v_proj, rank 8), IA3 1e-2, prefix 2e-2 (16 virtual tokens, initialised from the
-  base's own keys and values of the training answers, :func:`adapters.train_model.init_prefix`).
+  base's own keys and values of the training answers, :func:`adapters.train_model.init_prefix`); prompt
+  tuning starts from the word embeddings of the answers (:func:`adapters.train_model.init_prompt`), P-tuning
+  from PEFT's MLP encoder (PEFT saves the encoder's output as ``prompt_embeddings``, which the server serves).
 * Target names are the server's (``server.model.adapter_layers.TARGET_MODULES``); a LoRA rank above
   the server's default ``--max-lora-rank`` (``server.config.EngineConfig``, 16) is warned about
   before training: a default server refuses it at upload.
@@ -57,10 +60,11 @@ from adapters.dataset import DatasetError, Example, load_examples, split_example
 from adapters.format import AdapterError, BaseSpec, load_adapter
 from adapters.train_cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, main
 from adapters.train_config import (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
-                                   PREFIX_INITS, QUANTIZATIONS, SCHEDULES, SERVER_MAX_RANK, TrainConfig, TrainError,
+                                   PREFIX_INITS, QUANTIZATIONS, SCHEDULES, SERVER_MAX_RANK, VIRTUAL_TOKEN_KINDS,
+                                   TrainConfig, TrainError,
                                    TrainResult, check_rank, log, plan_steps)
 from adapters.train_io import UploadError, publish, save_adapter, upload_adapter
-from adapters.train_model import (build_model, evaluate, fit, init_prefix, load_base_model, load_tokenizer,
+from adapters.train_model import (build_model, evaluate, fit, init_prefix, init_prompt, load_base_model, load_tokenizer,
                                   resolve_base, resolve_device, token_loss_sums)
 
 __all__ = ["DEFAULT_EPOCHS", "DEFAULT_LR", "DEFAULT_TARGETS", "EXIT_OK", "EXIT_REFUSED", "EXIT_UNREACHABLE",
@@ -97,7 +101,7 @@ def train_adapter(config: TrainConfig) -> TrainResult:
 def read_data(config: TrainConfig, tokenizer, hf_config, base: Path) -> tuple[list[Example], list[Example]]:
     """(train, held-out) examples: ``--eval-data`` if given, else a seeded ``--eval-fraction`` split."""
     limit = int(getattr(hf_config, "max_position_embeddings", 0) or 0) or None
-    if limit and config.kind == "prefix":
+    if limit and config.kind in VIRTUAL_TOKEN_KINDS:
         limit -= config.virtual_tokens  # the virtual tokens take KV-cache positions too
     stop_ids = _stop_ids(base)
     examples = load_examples(config.data, tokenizer, stop_ids=stop_ids, max_length=limit)
@@ -124,6 +128,8 @@ def _train(config: TrainConfig, out: Path) -> TrainResult:
     model = build_model(config, load_base_model(base, hf_config, config.quantization, device), spec, base.name)
     if config.kind == "prefix" and config.prefix_init == "answers":
         init_prefix(model, train)
+    if config.kind == "prompt" and config.prefix_init == "answers":
+        init_prompt(model, train)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
     log.info("training a %s adapter on %s (quantization %s, %s): %d train / %d eval rows, %d trainable "

@@ -23,7 +23,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def build_parser(prog: str = "adapterctl train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a LoRA, IA3 or prefix-tuning adapter (PEFT format) on a JSONL dataset.",
+        prog=prog, description="Train a LoRA, DoRA, IA3, prefix-tuning, prompt-tuning or P-tuning adapter (PEFT format) on a "
+                    "JSONL dataset.",
         epilog="Dataset rows: {\"prompt\": ..., \"completion\": ...} or {\"messages\": [..., "
                "{\"role\": \"assistant\", \"content\": ...}]}. Loss is on the completion only.")
     p.add_argument("--kind", required=True, choices=KINDS)
@@ -35,22 +36,26 @@ def build_parser(prog: str = "adapterctl train") -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="nf4: QLoRA-style training over a 4-bit bitsandbytes base")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu) | cpu | cuda[:N]")
-    g = p.add_argument_group("LoRA / IA3")
+    g = p.add_argument_group("LoRA / DoRA / IA3")
     g.add_argument("--rank", "-r", type=int, default=8,
                    help=f"LoRA rank (default 8; a default adapter-server accepts up to {SERVER_MAX_RANK}, "
                         "its --max-lora-rank)")
     g.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * rank)")
     g.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default 0)")
+    g.add_argument("--lora-bias", action="store_true",
+                   help="--kind lora: also train a bias of lora_B (PEFT lora_bias; served as a per-slot bias)")
     g.add_argument("--targets", type=_csv, metavar="M1,M2",
                    help=f"target modules among {','.join(LINEAR_TARGETS)} (default LoRA "
                         f"{','.join(DEFAULT_TARGETS['lora'])}; IA3 {','.join(DEFAULT_TARGETS['ia3'])})")
     g.add_argument("--feedforward", type=_csv, metavar="M1,M2",
                    help="IA3 modules that scale their input (default: down_proj when targeted)")
-    g = p.add_argument_group("prefix tuning")
-    g.add_argument("--virtual-tokens", type=int, default=16, help="prefix length (default 16)")
-    g.add_argument("--prefix-init", choices=PREFIX_INITS, default="answers",
-                   help="answers (default): start from the base's keys and values of the training answers; "
-                        "random: PEFT's N(0, 1)")
+    g = p.add_argument_group("prefix / prompt tuning / P-tuning")
+    g.add_argument("--virtual-tokens", type=int, default=16, help="virtual tokens (default 16)")
+    g.add_argument("--prefix-init", "--prompt-init", dest="prefix_init", choices=PREFIX_INITS, default="answers",
+                   help="answers (default): prefix: start from the base's keys and values of the training answers; "
+                        "prompt: from the answers' word embeddings; random: PEFT's init (ptuning: always PEFT's)")
+    g.add_argument("--encoder-hidden-size", type=int,
+                   help="ptuning: the prompt encoder MLP's width (default: the base's hidden size)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=float,
                    help=f"passes over the data (default {DEFAULT_EPOCHS}), extended to --min-steps steps")
@@ -88,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         kind=args.kind, data=args.data, out=args.out, base=args.base, cache_dir=args.cache_dir,
         quantization=args.quantization, device=args.device, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        lora_bias=args.lora_bias, encoder_hidden_size=args.encoder_hidden_size,
         targets=args.targets, feedforward=args.feedforward, virtual_tokens=args.virtual_tokens,
         prefix_init=args.prefix_init, epochs=args.epochs, steps=args.steps, min_steps=args.min_steps, lr=args.lr,
         schedule=args.schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,

@@ -17,9 +17,11 @@ from server.model.builtin import BUILTIN_MODEL_NAME
 
 log = logging.getLogger("adapters.train")
 
-KINDS = ("lora", "ia3", "prefix")
+KINDS = ("lora", "dora", "ia3", "prefix", "prompt", "ptuning")
+LORA_KINDS = ("lora", "dora")               # LoraConfig (dora: use_dora=True)
+VIRTUAL_TOKEN_KINDS = ("prefix", "prompt", "ptuning")
 QUANTIZATIONS = ("none", "nf4")
-PREFIX_INITS = ("answers", "random")
+PREFIX_INITS = ("answers", "random")  # prefix: the answers' keys/values; prompt: the answers' token embeddings
 SCHEDULES = ("constant", "linear", "cosine")
 LINEAR_TARGETS = TARGET_MODULES
 BUILTIN_BASES = (BUILTIN_MODEL_NAME,)  # --base values that name the built-in tiny model (as the server's --model)
@@ -29,8 +31,10 @@ BUILTIN_BASES = (BUILTIN_MODEL_NAME,)  # --base values that name the built-in ti
 # (train loss 0.02, eval 3.1); IA3 1e-2: 12/12, eval 2.2;
 # prefix 1e-2 / 2e-2 / 3e-2: 10 / 11 / 11 of 12, eval 2.2 / 2.7 / 3.0. The random built-in tiny model wants
 # larger rates still (tests/test_train.py).
-DEFAULT_LR = {"lora": 1e-3, "ia3": 1e-2, "prefix": 2e-2}
-DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "ia3": ("k_proj", "v_proj", "down_proj")}
+# dora, prompt and ptuning: not measured on the default model yet; dora as LoRA, prompt tuning and P-tuning at
+# the rates their papers / PEFT's examples use (3e-2 for prompt embeddings, 1e-3 for P-tuning's MLP encoder).
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 1e-2, "prefix": 2e-2, "prompt": 3e-2, "ptuning": 1e-3}
+DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "dora": ("q_proj", "v_proj"), "ia3": ("k_proj", "v_proj", "down_proj")}
 DEFAULT_EPOCHS = 3
 # The step rule: without --steps, train max(ceil(epochs * ceil(rows / batch)), MIN_STEPS) optimizer steps.
 # 12 rows x 3 epochs at batch 4 are 9 steps: on the demo task 9 steps at the default rates gave 0/12 (LoRA),
@@ -58,12 +62,16 @@ class TrainConfig:
     rank: int = 8
     alpha: float | None = None            # None: 2 * rank
     dropout: float = 0.0
+    lora_bias: bool = False               # lora/dora: lora_B gets a trained bias (PEFT lora_bias; not with dora)
     targets: tuple[str, ...] | None = None  # LoRA / IA3 target modules (short names)
     # IA3: which targets scale their input (feedforward_modules); None: down_proj if targeted (as PEFT)
     feedforward: tuple[str, ...] | None = None
-    # prefix tuning
+    # prefix tuning, prompt tuning, P-tuning
     virtual_tokens: int = 16
-    prefix_init: str = "answers"          # "answers": the base's keys/values of the training answers; "random": PEFT's
+    # "answers": prefix: the base's keys/values of the training answers; prompt: their token embeddings (ptuning:
+    # PEFT's MLP encoder init either way); "random": PEFT's
+    prefix_init: str = "answers"
+    encoder_hidden_size: int | None = None  # ptuning: the MLP encoder's width (None: PEFT's, the hidden size)
     # schedule
     epochs: float | None = None           # used when steps is None (then DEFAULT_EPOCHS)
     steps: int | None = None              # optimizer steps exactly; wins over epochs and min_steps
@@ -142,7 +150,7 @@ def plan_steps(num_rows: int, batch_size: int, *, epochs: float | None = None, s
 
 def check_rank(config: TrainConfig) -> None:
     """Refuse a non-positive rank; warn, before any training, about a rank the default server refuses."""
-    if config.kind != "lora":
+    if config.kind not in LORA_KINDS:
         return
     if config.rank <= 0:
         raise TrainError("--rank must be positive")

@@ -11,8 +11,8 @@ import torch
 
 from adapters.dataset import IGNORE_INDEX, Example, batches, collate
 from adapters.format import BaseSpec
-from adapters.train_config import (BUILTIN_BASES, DEFAULT_TARGETS, KINDS, QUANTIZATIONS, TrainConfig, TrainError,
-                                   log, plan_steps)
+from adapters.train_config import (BUILTIN_BASES, DEFAULT_TARGETS, KINDS, LORA_KINDS, QUANTIZATIONS, VIRTUAL_TOKEN_KINDS,
+                                   TrainConfig, TrainError, log, plan_steps)
 
 
 def resolve_base(config: TrainConfig) -> Path:
@@ -92,22 +92,35 @@ def check_nf4_shapes(hf_config, base: Path) -> None:
 
 def peft_config(config: TrainConfig, spec: BaseSpec):
     """The PEFT config for ``config.kind``, restricted to what the server serves exactly."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, TaskType
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType
 
-    if config.kind == "prefix":
+    if config.kind not in KINDS:
+        raise TrainError(f"unknown kind {config.kind!r}; choose one of {', '.join(KINDS)}")
+    if config.lora_bias and config.kind != "lora":
+        raise TrainError(f"--lora-bias is for --kind lora only (PEFT does not support it with DoRA)"
+                         if config.kind == "dora" else f"--lora-bias is for --kind lora, not {config.kind}")
+    if config.kind in VIRTUAL_TOKEN_KINDS:
         if config.virtual_tokens <= 0:
             raise TrainError("--virtual-tokens must be positive")
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens,
-                                  prefix_projection=False)
+        if config.kind == "prefix":
+            return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens,
+                                      prefix_projection=False)
+        if config.kind == "prompt":  # RANDOM in the config; init_prompt() sets the answers' embeddings
+            return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens)
+        extra = {} if config.encoder_hidden_size is None else {"encoder_hidden_size": config.encoder_hidden_size}
+        if config.encoder_hidden_size is not None and config.encoder_hidden_size <= 0:
+            raise TrainError("--encoder-hidden-size must be positive")
+        return PromptEncoderConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=config.virtual_tokens, **extra)
     targets = tuple(config.targets or DEFAULT_TARGETS[config.kind])
     unknown = sorted(set(targets) - set(spec.module_shapes))
     if unknown or not targets:
         raise TrainError(f"--targets {','.join(unknown) or '(none)'}: choose among {', '.join(spec.module_shapes)}")
-    if config.kind == "lora":
+    if config.kind in LORA_KINDS:
         if config.rank <= 0:
             raise TrainError("--rank must be positive")
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=config.rank, lora_alpha=config.alpha or 2 * config.rank,
-                          lora_dropout=config.dropout, target_modules=list(targets), bias="none")
+                          lora_dropout=config.dropout, target_modules=list(targets), bias="none",
+                          use_dora=config.kind == "dora", lora_bias=config.lora_bias)
     if config.kind == "ia3":
         ff = config.feedforward
         if ff is None:
@@ -154,6 +167,18 @@ def init_prefix(model, train: Sequence[Example]) -> None:
     kv = torch.stack([t[0].transpose(0, 1) for pair in layers for t in pair], dim=1)
     weight = model.prompt_encoder["default"].embedding.weight
     weight.copy_(kv.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def init_prompt(model, train: Sequence[Example]) -> None:
+    """Start prompt-tuning embeddings as the base's word embeddings of the training answers' tokens (PEFT's
+    TEXT init, with the answers as the text, without a tokenizer path in the saved config)."""
+    n = model.peft_config["default"].num_virtual_tokens
+    ids = [t for e in train for t in e.completion_ids] or [0]
+    ids = (ids * (n // len(ids) + 1))[:n]
+    words = model.get_base_model().get_input_embeddings().weight
+    weight = model.prompt_encoder["default"].embedding.weight
+    weight.copy_(words[torch.tensor(ids, device=words.device)].to(weight.dtype))
 
 
 # ------------------------------------------------------------------------------------------ training

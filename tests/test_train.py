@@ -34,12 +34,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:Futu
 
 TASK = {"cat": "meow!", "dog": "bark!", "fly": "zip!", "hen": "cud!"}
 # Per kind: enough for the task with a wide margin (each converges by step ~25 on any seed tried).
+# Keys are kinds, or variants of one ("kind" names it).
 HYPER = {
     "lora": dict(lr=1e-2, steps=40, rank=8),
     "ia3": dict(lr=0.2, steps=40),
     "prefix": dict(lr=0.3, steps=40, virtual_tokens=8),
+    "dora": dict(lr=1e-2, steps=40, rank=8),
+    "lora-bias": dict(kind="lora", lr=1e-2, steps=40, rank=8, lora_bias=True),
+    "prompt": dict(lr=0.3, steps=40, virtual_tokens=8),
+    "ptuning": dict(lr=3e-3, steps=40, virtual_tokens=8, encoder_hidden_size=64),
 }
 KINDS = tuple(HYPER)
+# Prompt tuning and P-tuning (input embeddings only) plateau at loss ~17.6 from 26 on the random built-in model
+# whatever the rate (0.3-3, 80 steps): they cannot steer it to the answers. They are checked for training,
+# reading and serving equal to PEFT instead (test_prompt_kinds_train_and_serve_like_peft).
+LEARNING_KINDS = tuple(k for k in KINDS if k not in ("prompt", "ptuning"))
+BASE_KINDS = ("lora", "ia3", "prefix")  # the (slower) nf4 and other-base runs keep to these
+PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "lora-bias": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING",
+              "prompt": "PROMPT_TUNING", "ptuning": "P_TUNING"}
 THREADS = 1
 BUILTIN = "tiny-llama-builtin"  # the trainer's default base is the real default model; these tests use the tiny one
 TIMINGS: dict[str, float] = {}
@@ -57,7 +69,7 @@ def task_rows() -> list[dict]:
 def config(kind: str, data: Path, out: Path, cache: Path, **overrides) -> TrainConfig:
     values = dict(HYPER[kind], base=BUILTIN, eval_fraction=0.0, progress=False, threads=THREADS, device="cpu")
     values.update(overrides)
-    return TrainConfig(kind=kind, data=data, out=out, cache_dir=cache, **values)
+    return TrainConfig(kind=values.pop("kind", kind), data=data, out=out, cache_dir=cache, **values)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +215,7 @@ def test_split_is_seeded_and_keeps_training_rows():
 # ------------------------------------------------------------------------------------------ training
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LEARNING_KINDS)
 def test_each_kind_learns_the_task(kind, trained, builtin_model_dir, tokenizer):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -220,12 +232,17 @@ def test_each_kind_learns_the_task(kind, trained, builtin_model_dir, tokenizer):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "tiny-llama-builtin"
-    assert adapter_config["peft_type"] == {"lora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING"}[kind]
+    assert adapter_config["peft_type"] == PEFT_TYPES[kind]
+    assert adapter_config.get("use_dora", False) == (kind == "dora")
+    assert adapter_config.get("lora_bias", False) == (kind == "lora-bias")
     assert not adapter_config.get("modules_to_save")
     from transformers import AutoConfig
 
-    load_adapter(out, BaseSpec.from_hf_config(AutoConfig.from_pretrained(builtin_model_dir), "tiny-llama-builtin"),
-                 max_rank=64)  # the server's reader accepts it
+    served = load_adapter(out, BaseSpec.from_hf_config(AutoConfig.from_pretrained(builtin_model_dir),
+                                                       "tiny-llama-builtin"), max_rank=64)  # the server's reader
+    assert served.kind == {"lora-bias": "lora", "ptuning": "prompt"}.get(kind, kind)
+    if kind == "lora-bias":
+        assert all(w.bias is not None and w.bias.abs().max() > 0 for w in served.lora.values())
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir), out).eval()
     for prompt, answer in TASK.items():
@@ -234,7 +251,50 @@ def test_each_kind_learns_the_task(kind, trained, builtin_model_dir, tokenizer):
             assert greedy(model, tokenizer, prompt) != answer, prompt
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ["prompt", "ptuning"])
+def test_prompt_kinds_train_and_serve_like_peft(kind, trained, builtin_model_dir, tokenizer, tmp_path):
+    """Trained, read by the server's reader, served through an Engine: greedy tokens equal PEFT's on the same
+    adapter (P-tuning: PEFT saves the encoder's output, which is what both serve)."""
+    from peft import PeftModel
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adapters.store import AdapterStore
+    from server.config import EngineConfig
+    from server.engine.engine import Engine
+    from server.engine.request import SamplingParams
+    from server.model.loader import load_model
+
+    result, seconds = trained(kind)
+    assert seconds < 60 and result.train_loss_end < 0.8 * result.train_loss_start, result.losses
+    adapter_config = json.loads((result.out / "adapter_config.json").read_text())
+    assert adapter_config["peft_type"] == PEFT_TYPES[kind]
+    served = load_adapter(result.out, BaseSpec.from_hf_config(AutoConfig.from_pretrained(builtin_model_dir),
+                                                              "tiny-llama-builtin"), max_rank=64)
+    assert served.kind == "prompt" and served.num_virtual_tokens == HYPER[kind]["virtual_tokens"]
+    store = AdapterStore(tmp_path / "store")
+    store.add(kind, result.out)
+    engine = Engine(load_model(builtin_model_dir, dtype=torch.float32),
+                    EngineConfig(max_batch=4, max_seq_len=96, max_adapter_slots=2, merge_threshold=2.0), store=store)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_model_dir), result.out).eval()
+    changed = 0
+    for prompt in TASK:
+        ids = tokenizer.encode(prompt, add_special_tokens=True)
+        request = engine.make_request(ids, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+                                      adapter=kind)
+        engine.generate([request])
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+            with model.disable_adapter():
+                base = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids),
+                                      dtype=torch.long), max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)
+        assert request.output_token_ids == out[0, len(ids):].tolist(), prompt
+        changed += out[0, len(ids):].tolist() != base[0, len(ids):].tolist()
+    assert changed, "the trained prompt must change some output"
+
+
+@pytest.mark.parametrize("kind", BASE_KINDS)
 def test_qlora_style_over_an_nf4_base(kind, cache, task_file, tmp_path, builtin_model_dir):
     result = train_adapter(config(kind, task_file, tmp_path / kind, cache, quantization="nf4"))
     print(f"\n{kind} nf4: {result.seconds:.1f} s training, loss {result.train_loss_start:.3f} -> "
@@ -294,7 +354,7 @@ def test_a_crash_leaves_nothing_and_out_is_never_clobbered(cache, task_file, tmp
 
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", BASE_KINDS)
 def test_other_llama_family_bases(arch, kind, tiny_checkpoints, task_file, tmp_path):
     from transformers import AutoConfig
 
@@ -417,7 +477,7 @@ def _served(server, adapter: str | None, prompt: str) -> str:
     return response.json()["choices"][0]["text"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", LEARNING_KINDS)
 def test_served_completion_with_the_trained_adapter(kind, trained, live_server):
     """Issue 5 part 3: train on the built-in model, upload with adapterctl, the server's greedy
     completion of each training prompt is the trained answer with the adapter, not without."""
