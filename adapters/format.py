@@ -40,7 +40,7 @@ _METADATA_FIELDS = {"peft_type", "task_type", "auto_mapping", "base_model_name_o
 # Fields that must hold their default (falsy) value: each changes the math or needs a modified base.
 _REFUSED_IF_SET = {
     "use_dora": "DoRA is a LoRA variant: use_dora must be true or false",
-    "lora_bias": "LoRA bias terms are not served; retrain with lora_bias=false",
+    "lora_bias": "lora_bias is a LoRA option (served for peft_type LORA only)",
     "layer_replication": "layer replication changes the base architecture",
     "megatron_config": "Megatron-parallel LoRA layers are not served",
     "use_qalora": "QA-LoRA is not served",
