@@ -158,6 +158,10 @@ def test_engine_mixed_batch_through_the_kernels(interpreted, tiny_checkpoints, t
     def run(rows, max_batch):
         engine = Engine(loaded, EngineConfig(max_batch=max_batch, max_seq_len=32, max_adapter_slots=4,
                                              merge_threshold=2.0), store=store)
+        # adapters resident first, so every row is admitted in the first step: one padded [B, T] prefill with
+        # mixed slots (rows admitted while others decode run token by token in the step's one flat forward)
+        engine.generate([engine.make_request([5], SamplingParams(max_tokens=1, temperature=0.0), adapter=name)
+                         for name in sorted({names[i] for i in rows} - {None})])
         params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
         requests = [engine.make_request(prompts[i], params, adapter=names[i]) for i in rows]
         engine.generate(requests)
