@@ -131,7 +131,11 @@ def test_concurrent_requests_affinity_and_equal_outputs(cluster, single):
     for name in names:
         top = by_model[name].most_common(1)[0][1]
         assert top / sum(by_model[name].values()) >= 0.9, (name, by_model[name])
-    assert len(by_model["tiny-llama-builtin"]) == 2, by_model["tiny-llama-builtin"]  # base requests spread
+    # Base requests carry no multiplexed id, so Ray's router places them by load (power of two choices):
+    # beside adapter traffic pinned to one replica they may all go to the other. Alone, they spread.
+    base_only = run_all(cluster.url, [spec(200 + i, "tiny-llama-builtin") for i in range(24)])
+    assert all(r["status"] == 200 for r in base_only)
+    assert len({r["replica"] for r in base_only}) == 2, Counter(r["replica"] for r in base_only)
 
     r = httpx.get(cluster.url + "/v1/models")
     assert r.status_code == 200 and r.headers[HEADER].startswith("Ingress#")
