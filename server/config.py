@@ -28,6 +28,8 @@ class EngineConfig:
     unmerge_threshold: float = 0.9
     merge_patience: int = 16          # consecutive steps a share must hold before a merge or unmerge
     merge_min_batch: int = 4          # below this many running rows nothing is merged
+    engine: str = "native"            # native (ours) | vllm (LoRA only, vLLM in a worker process: docs/VLLM.md)
+    vllm_python: str | None = None    # python of the vLLM worker; None: $ADAPTER_SERVER_VLLM_PYTHON, else .venv-vllm
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,12 @@ def resolve(config: EngineConfig) -> EngineConfig:
 
 
 def build_engine(config: EngineConfig) -> Engine:
+    if config.engine == "vllm":  # the same contract, served by vLLM in a worker process (LoRA only)
+        from server.engine.vllm_client import VllmEngineClient
+
+        return VllmEngineClient(config)
+    if config.engine != "native":
+        raise ValueError(f"unknown engine {config.engine!r}; choose native or vllm")
     config = resolve(config)
     loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
                         device=config.device, batch_hint=config.max_batch)
