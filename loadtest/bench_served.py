@@ -19,6 +19,9 @@ HF `generate` on the base and PEFT's mixed-batch `generate(adapter_names=...)` o
 LoRAs. Rounds rotate the order; every ratio is the median over rounds of the ratio within one
 round (this machine drifts 10-30% between runs minutes apart).
 
+`--with-vllm`: rows vllm/base and vllm/lora, the same batches on `adapter-server --engine vllm` (same
+flags and store; docs/VLLM.md), timed in the same rounds.
+
 `--long-prompt`: ITL p99 of `--streams` running streams while one `--long-tokens` prompt
 joins, against the same streams alone, on a server with `--max-prefill-tokens --chunk`
 (chunked prefill) and one with `--max-prefill-tokens --no-chunk`.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -70,6 +74,8 @@ def parse_args(argv):
     p.add_argument("--slots", type=int, default=32, help="the server's --max-adapter-slots")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the HF and PEFT peers")
     p.add_argument("--skip-peers", action="store_true", help="leave out HF, PEFT and the engine-only run")
+    p.add_argument("--with-vllm", action="store_true", help="peer rows vllm/base and vllm/lora: the same load on "
+                   "`adapter-server --engine vllm` with the same flags (make install-vllm; docs/VLLM.md)")
     p.add_argument("--long-prompt", action="store_true", help="the chunked-prefill benchmark instead")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--stream-tokens", type=int, default=128)
@@ -186,14 +192,21 @@ def run_main(args, setup: Setup) -> dict:
     specs = setup.adapters(args.clients)
     work = variants(specs, prompts, args.new_tokens)
     peers, threads = ({}, torch.get_num_threads()) if args.skip_peers else in_process_peers(setup, specs, prompts, args)
+    if args.with_vllm:  # the variants vLLM serves, on the same prompts and LoRAs
+        work.update({"vllm/base": work["served/base"], "vllm/lora": work["served/lora"]})
     names = list(work) + list(peers)
     rounds = []
-    with setup.server("served") as srv:
+    with setup.server("served") as srv, contextlib.ExitStack() as stack:
         print("server:", " ".join(srv.argv), flush=True)
+        vllm = stack.enter_context(setup.server("vllm", ["--engine", "vllm"])) if args.with_vllm else None
+        if vllm is not None:
+            print("vLLM server:", " ".join(vllm.argv), f"(up after {vllm.startup_seconds:.0f} s)", flush=True)
         for r in range(args.rounds):
             row = {}
             for name in names[r % len(names):] + names[:r % len(names)]:
-                row[name] = peers[name]() if name in peers else timed_served(srv, work[name], name == "served/merged")
+                target = vllm if name.startswith("vllm/") else srv
+                row[name] = peers[name]() if name in peers else timed_served(target, work[name],
+                                                                             name == "served/merged")
                 print(f"round {r + 1} {name}: {row[name]['tok_s']:.1f} tok/s", flush=True)
             rounds.append(row)
     summary = served.summarize_rounds(rounds, names)
@@ -201,7 +214,7 @@ def run_main(args, setup: Setup) -> dict:
     print(served.table(summary, targets))
     return {"server_argv": srv.argv, "in_process_threads": {"engine/base": threads, "hf/base": args.threads,
                                                              "peft/lora": args.threads},
-            "rounds": rounds, "summary": summary, "targets": targets}
+            "vllm_server_argv": vllm.argv if vllm else None, "rounds": rounds, "summary": summary, "targets": targets}
 
 
 def run_long(args, setup: Setup) -> dict:
