@@ -116,7 +116,7 @@ def test_adapter_loads_while_request_waits(loaded, store):
     engine.submit(waiting, lambda o: None)
     engine._drain_inbox()
     deadline = time.monotonic() + 10
-    while waiting.adapter_version not in engine.adapters._cpu:
+    while waiting.adapter_version not in engine.adapters.cpu:
         engine.step()
         assert time.monotonic() < deadline
     assert waiting.status is Status.WAITING and busy.status is Status.RUNNING

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
-from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_adapter, \
+from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
 from server.api.protocol import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, \
     ChatMessage, ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
@@ -57,11 +57,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  ctx: ServerContext = Depends(get_context)):
     arrival = time.monotonic()
     engine = ctx.engine
-    adapter = resolve_adapter(ctx, body.model, body.adapter)
-    request.state.adapter_label = ctx.metrics.adapter_label(adapter)
+    adapter, composition = resolve_target(ctx, body)
+    request.state.adapter_label = ctx.metrics.adapter_label(adapter or (composition and composition.describe()))
     prompt = chat_prompt_ids(engine.tokenizer, body.messages)
     params = sampling_params(body, body.token_limit, body.engine_logprobs)
-    requests = make_requests(engine, [prompt], params, adapter, body.n)
+    requests = make_requests(engine, [prompt], params, adapter, body.n, composition)
     model = adapter or engine.model_name
     generation = Generation(ctx, requests, arrival)
     if body.stream:

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
-from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_adapter, \
+from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
 from server.api.streaming import StreamState, stream_events
@@ -142,12 +142,12 @@ def merged(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
 async def create_completion(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
     arrival = time.monotonic()
     engine = ctx.engine
-    adapter = resolve_adapter(ctx, body.model, body.adapter)
-    request.state.adapter_label = ctx.metrics.adapter_label(adapter)
+    adapter, composition = resolve_target(ctx, body)
+    request.state.adapter_label = ctx.metrics.adapter_label(adapter or (composition and composition.describe()))
     prompts = prompt_token_ids(engine, body.prompt)
     params = sampling_params(body, body.max_tokens, body.logprobs,
                              prompt_logprobs=body.logprobs if body.echo else None)
-    requests = make_requests(engine, prompts, params, adapter, body.n)
+    requests = make_requests(engine, prompts, params, adapter, body.n, composition)
     model = adapter or engine.model_name
     generation = Generation(ctx, requests, arrival)
     if body.stream:

@@ -1,6 +1,7 @@
 """From a validated body to engine requests and back: the part completions and chat share.
 
-* :func:`resolve_adapter`: the ``adapter`` field, else ``model`` naming an adapter, else the base.
+* :func:`resolve_adapter`: the ``adapter`` field, else ``model`` naming an adapter, else the base;
+  :func:`resolve_target`: that, or a composition of several adapters (the ``adapters`` field).
 * :func:`sampling_params` / :func:`make_requests`: one engine request per prompt and choice.
 * :class:`Generation`: submits them all (or none: a full queue aborts those already queued),
   merges their output streams, records latency and token metrics, enforces the request
@@ -17,6 +18,7 @@ from typing import AsyncIterator
 
 from fastapi import Request as HTTPRequest
 
+from adapters.composition import DEFAULT_COMBINATION, Composition, parse_members
 from adapters.format import AdapterError
 from adapters.store import AdapterNotFound
 from server.api.context import ServerContext
@@ -59,6 +61,27 @@ def resolve_adapter(ctx: ServerContext, model: str | None, adapter: str | None) 
                    "stored adapter (see GET /v1/models)", param="model", code="model_not_found")
 
 
+def resolve_target(ctx: ServerContext, body: SamplingFields) -> tuple[str | None, Composition | None]:
+    """(adapter, composition) of a request: :func:`resolve_adapter`, or the ``adapters`` field naming several
+    (with ``adapter_combination``); 400 when both are given, 404 naming a member that is not stored."""
+    if body.adapters is None:
+        if body.adapter_combination is not None:
+            raise APIError(400, "adapter_combination applies to the adapters field, which is not set",
+                           param="adapter_combination")
+        return resolve_adapter(ctx, body.model, body.adapter), None
+    if body.adapter or (body.model and body.model != ctx.engine.model_name):
+        raise APIError(400, "name the adapters to compose in the adapters field alone (adapter unset, model the base "
+                       f"model {ctx.engine.model_name!r} or unset)", param="adapters")
+    try:
+        composition = Composition(parse_members(body.adapters), body.adapter_combination or DEFAULT_COMBINATION)
+    except AdapterError as exc:
+        raise APIError(400, str(exc), param="adapters") from exc
+    for name in composition.names:
+        if not _stored(ctx, name):
+            raise APIError(404, f"adapter {name!r} not found", param="adapters", code="adapter_not_found")
+    return None, composition
+
+
 def _stored(ctx: ServerContext, name: str) -> bool:
     store = getattr(ctx.engine, "adapter_store", None)
     if store is None:
@@ -84,7 +107,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
 
 
 def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
-                  n: int) -> list[Request]:
+                  n: int, composition: Composition | None = None) -> list[Request]:
     """``n`` engine requests per prompt, prompt-major (choice index = prompt * n + j).
 
     With a seed, choice j samples with seed + j, so choices differ and choice 0 equals a
@@ -102,7 +125,10 @@ def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adap
             choice_params = params
             if j and params.seed is not None:
                 choice_params = replace(params, seed=(params.seed + j) % SEED_MODULUS)
-            requests.append(engine.make_request(ids, choice_params, adapter=adapter))
+            if composition is None:
+                requests.append(engine.make_request(ids, choice_params, adapter=adapter))
+            else:
+                requests.append(engine.make_request(ids, choice_params, composition=composition))
     return requests
 
 

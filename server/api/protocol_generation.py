@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from adapters.composition import COMBINATIONS, MAX_MEMBERS as MAX_COMPOSED, MAX_WEIGHT, parse_members
+from adapters.peft_files import AdapterError
 from server.engine.request import SamplingParams, canonical_response_format
 
 MAX_N = 16
@@ -37,6 +39,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_BEST_OF = MAX_N
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=64)]
+AdapterWeight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
 Prompt = (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | TokenIds
@@ -152,6 +156,12 @@ class SamplingFields(BaseModel):
 
     model: str | None = None
     adapter: str | None = None
+    # several adapters at once (adapters.composition): names (weight 1 each) or name -> weight, LoRAs combined as
+    # PEFT's add_weighted_adapter with adapter_combination (default cat)
+    adapters: (Annotated[list[AdapterName], Field(min_length=1, max_length=MAX_COMPOSED)]
+               | Annotated[dict[AdapterName, AdapterWeight], Field(min_length=1, max_length=MAX_COMPOSED)]
+               | None) = None
+    adapter_combination: Literal[COMBINATIONS] | None = None
     temperature: float = _float(1.0, ge=0.0, le=2.0)
     top_p: float = _float(1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOP_K)  # 0: off
@@ -184,6 +194,21 @@ class SamplingFields(BaseModel):
     @classmethod
     def _stop_type(cls, value: Any) -> Any:
         return _check_stop(value)
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _adapters_shape(cls, value: Any) -> Any:
+        """One clear message per mistake (the union's own errors would name its members)."""
+        names = isinstance(value, list) and all(isinstance(n, str) for n in value)
+        weighted = isinstance(value, dict) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                   for w in value.values())
+        if not (names or weighted):
+            raise ValueError("must be a list of adapter names or an object mapping adapter names to weights")
+        try:
+            parse_members(value)
+        except AdapterError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("logit_bias", mode="before")
     @classmethod

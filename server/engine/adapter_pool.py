@@ -1,4 +1,5 @@
-"""The adapter tiers: store on disk -> CPU cache (LRU by bytes) -> device slots (LRU by count).
+"""The adapter tiers: store on disk -> CPU cache (LRU by bytes, server.engine.adapter_cache) -> device slots
+(LRU by count, here).
 
 Loading from disk runs on a background thread and starts when a request is
 submitted, so it overlaps with the request's wait in the queue. The scheduler
@@ -14,32 +15,33 @@ base when the slot is written). The pool never branches on a kind's name: it rea
 kind's `layer_state` (which any_* flags a forward needs) and `mergeable`. Keys are versions
 (`name@sha256-prefix`) so that a replaced adapter never serves stale weights to
 new requests while old requests finish on the old ones.
+
+A composition (adapters.composition: several adapters on one request) takes one slot too, keyed by its
+members' versions and weights: its members are loaded into the CPU cache like single adapters, combined
+once (adapters.kinds.composite) and written into the slot; a change to any member retires it.
 """
 from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from adapters.composition import Composition, member_versions, names_of, resolve, version_key
 from adapters.format import Adapter, BaseSpec, load_adapter
 from adapters.store import AdapterRecord, AdapterStore
+from server.engine.adapter_cache import AdapterCache, AdapterLoadFailed
 from server.engine.merge_policy import MergeDecision, MergePolicy
-from server.engine.request import AdmissionFailed, Request
+from server.engine.request import Request
 from server.engine.slots import SlotTable
 from server.model.adapter_layers import AdapterLinear, BatchMapping, write_slot
 from server.model.merge import merge_slot, unmerge
 from server.model.soft_prompt import soft_prompt_kv
 
+__all__ = ["AdapterLoadFailed", "AdapterPool", "version_key"]
+
 log = logging.getLogger(__name__)
-
-
-class AdapterLoadFailed(AdmissionFailed):
-    """The adapter's files could not be loaded (the request fails with this message)."""
 
 
 @dataclass
@@ -49,10 +51,7 @@ class _SlotInfo:
     rank: int
     layer_state: frozenset[str]  # per-layer state the adapter wrote ("lora", "ia3", "dora")
     mergeable: bool
-
-
-def version_key(record: AdapterRecord) -> str:
-    return f"{record.name}@{record.sha256[:16]}"
+    names: frozenset[str]  # the stored adapters it holds (several for a composition)
 
 
 class AdapterPool:
@@ -71,12 +70,10 @@ class AdapterPool:
         unmerge(layers)  # an older pool's merge must not leak into this one
         self.merged_slot = 0
         self.metrics = None
-        self._cpu: OrderedDict[str, Adapter] = OrderedDict()
-        self._cpu_bytes = 0
-        self._loading: dict[str, Future] = {}
+        self.cpu = AdapterCache(lambda name: load_adapter(store.path(name), base, max_rank=max_rank, name=name,
+                                                          dtype=dtype), cpu_cache_bytes, pool=self)
         self._lock = threading.Lock()
         self._pending_retire: set[str] = set()  # names invalidated by other threads, applied on the engine thread
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
 
     # ---- any thread ----
 
@@ -84,40 +81,33 @@ class AdapterPool:
         """The store's record (raises AdapterNotFound)."""
         return self.store.get(name)
 
+    def plan(self, composition: Composition) -> tuple[str, int]:
+        """(slot key, virtual tokens) of a composition (adapters.composition.resolve)."""
+        return resolve(self.store, composition, max_rank=self.max_rank)
+
     def validate(self, path, name: str) -> None:
         """Raise AdapterError unless the adapter at path can be served on this base."""
         load_adapter(path, self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
 
     def prefetch(self, key: str, name: str) -> None:
-        """Start loading an adapter version into the CPU cache unless it is there or on its way."""
-        with self._lock:
-            if key in self._cpu or key in self._loading:
-                return
-            self._loading[key] = self._executor.submit(self._load, key, name)
+        self.cpu.prefetch(key, name)
+
+    def prefetch_request(self, request: Request) -> None:
+        """Start loading what a submitted request needs: its adapter, or each member of its composition."""
+        if request.composition is not None:
+            for member, key in zip(request.composition.members, member_versions(request.adapter_version)):
+                self.cpu.prefetch(key, member.name)
+        elif request.adapter_version is not None:
+            self.cpu.prefetch(request.adapter_version, request.adapter)
 
     def invalidate(self, name: str) -> None:
-        """Forget every cached version of `name` (after an overwrite or delete)."""
+        """Forget every cached version of `name` and every composition holding it (after an overwrite or delete)."""
+        self.cpu.invalidate(name)
         with self._lock:
-            for key in [k for k in self._cpu if k.split("@")[0] == name]:
-                self._cpu_bytes -= self._cpu.pop(key).nbytes
             self._pending_retire.add(name)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def _load(self, key: str, name: str) -> Adapter:
-        start = time.perf_counter()
-        adapter = load_adapter(self.store.path(name), self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
-        with self._lock:
-            self._cpu[key] = adapter
-            self._cpu_bytes += adapter.nbytes
-            while self._cpu_bytes > self.cpu_cache_bytes and len(self._cpu) > 1:
-                _, dropped = self._cpu.popitem(last=False)
-                self._cpu_bytes -= dropped.nbytes
-        if self.metrics is not None:
-            self.metrics.adapter_loads.inc()
-            self.metrics.adapter_load_seconds.observe(time.perf_counter() - start)
-        return adapter
+        self.cpu.close()
 
     # ---- engine thread ----
 
@@ -133,7 +123,8 @@ class AdapterPool:
             return True
         if not self.table.can_acquire(key):
             return False
-        adapter = self._cpu_adapter(key, request.adapter)
+        adapter = (self.cpu.get_composite(request.composition, key) if request.composition is not None
+                   else self.cpu.get(key, request.adapter))
         if adapter is None:
             return False
         acquired = self.table.acquire(key)
@@ -200,35 +191,19 @@ class AdapterPool:
 
     # ---- internals ----
 
-    def _cpu_adapter(self, key: str, name: str) -> Adapter | None:
-        with self._lock:
-            adapter = self._cpu.get(key)
-            if adapter is not None:
-                self._cpu.move_to_end(key)
-                return adapter
-            future = self._loading.get(key)
-        if future is None:
-            self.prefetch(key, name)
-            return None
-        if not future.done():
-            return None
-        with self._lock:
-            self._loading.pop(key, None)
-        error = future.exception()
-        if error is not None:
-            raise AdapterLoadFailed(f"adapter {name!r} could not be loaded: {error}") from error
-        return future.result()
-
     def _write(self, slot: int, key: str, adapter: Adapter) -> None:
         write_slot(self.layers, slot, adapter)
         self.prefix_kv.pop(slot, None)
         prefix = adapter.prefix_kv()
         if prefix is None and adapter.soft_prompt() is not None:
-            prefix = soft_prompt_kv(self.mapping, adapter.soft_prompt(), merged=bool(self.merged_slot))
+            # a composition's soft prompt runs through its slot's LoRA / IA3; a prompt adapter's slot holds none
+            prefix = soft_prompt_kv(self.mapping, adapter.soft_prompt(), merged=bool(self.merged_slot), slot=slot,
+                                    layer_state=adapter.layer_state)
         if prefix is not None:
             prefix = prefix.to(device=self.device, dtype=self.dtype)
             self.prefix_kv[slot] = (prefix[:, 0], prefix[:, 1])
-        self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank, adapter.layer_state, adapter.mergeable)
+        self.slot_info[slot] = _SlotInfo(key, adapter.kind, adapter.rank, adapter.layer_state, adapter.mergeable,
+                                         names_of(key))
         self._gauge()
 
     def _apply_retirements(self) -> None:
@@ -236,7 +211,7 @@ class AdapterPool:
             names, self._pending_retire = self._pending_retire, set()
         for name in names:
             for slot, info in list(self.slot_info.items()):
-                if info.key.split("@")[0] == name:
+                if name in info.names:
                     if self.merge_policy is not None:
                         decision = self.merge_policy.forget(info.key)
                         if decision is not None:

@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-from adapters.format import BaseSpec
+from adapters.composition import Composition
+from adapters.format import AdapterError, BaseSpec
 from adapters.store import AdapterStore
 from server.config import EngineConfig
 from server.engine.adapter_pool import AdapterPool, version_key
@@ -100,9 +101,14 @@ class Engine:
     # ---- submission (any thread) ----
 
     def make_request(self, prompt_token_ids: list[int], params: SamplingParams, adapter: str | None = None,
-                     request_id: str | None = None) -> Request:
-        """Validate and build a request; raises RequestError with a client-facing message."""
+                     request_id: str | None = None, composition: Composition | None = None) -> Request:
+        """Validate and build a request for the base, one adapter, or a composition of several (at most one
+        of `adapter` and `composition`); raises RequestError with a client-facing message, AdapterNotFound."""
         params.validate()
+        if adapter is not None and composition is not None:
+            raise RequestError("name one adapter or a composition of adapters, not both")
+        if composition is not None and len(composition.members) == 1 and composition.members[0].weight == 1.0:
+            adapter, composition = composition.members[0].name, None  # one adapter as it is
         if not prompt_token_ids:
             raise RequestError("the prompt is empty")
         if any(not 0 <= t < self.vocab_size for t in prompt_token_ids):
@@ -116,6 +122,12 @@ class Engine:
             record = self.adapters.record(adapter)  # AdapterNotFound -> 404
             request.adapter_version = version_key(record)
             request.prefix_len = record.num_virtual_tokens
+        elif composition is not None:
+            try:
+                request.adapter_version, request.prefix_len = self.adapters.plan(composition)
+            except AdapterError as exc:  # a composition that cannot be served (AdapterNotFound passes: 404)
+                raise RequestError(str(exc)) from exc
+            request.composition = composition
         prompt_len = request.num_tokens
         if prompt_len >= self.max_seq_len:
             raise RequestError(f"this model's context is {self.max_seq_len} tokens, but the prompt has {prompt_len}; "
@@ -145,8 +157,7 @@ class Engine:
             if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
                 raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
             self._inbox.put(("add", tracked))
-        if request.adapter_version is not None:
-            self.adapters.prefetch(request.adapter_version, request.adapter)
+        self.adapters.prefetch_request(request)
         self._wake.set()
 
     def abort(self, request_id: str) -> None:

@@ -7,6 +7,8 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
+from adapters.composition import Composition
+
 
 class RequestError(ValueError):
     """A request the engine refuses; the message is meant for the client (HTTP 400)."""
@@ -174,7 +176,8 @@ class Request:
     first_token_time: float | None = None
     # cache length before the prompt (prefix-tuning virtual tokens); set from the adapter's record
     prefix_len: int = 0
-    adapter_version: str | None = None  # which stored version of the adapter this request uses
+    adapter_version: str | None = None  # which stored version of the adapter (or composition) this request uses
+    composition: Composition | None = None  # several adapters at once (then `adapter` is None)
     slot: int = 0                        # device slot while running (0 = no adapter)
     num_computed: int = 0                # prompt tokens already prefilled (or scheduled in this step's plan)
     grammar: object | None = None        # compiled response_format grammar (opaque here; the engine's)

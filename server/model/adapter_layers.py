@@ -20,11 +20,12 @@ and read by all layers. Slots that a kind does not use stay at identity (zeros f
 LoRA, ones for IA3 and DoRA scales, zeros for the DoRA shift), so one formula serves
 every row:
 
-    y = (base(x * ia3_in[s]) * ia3_out[s] + (x @ lora_a[s].T) @ lora_b[s]) * dora_scale[s] + dora_shift[s]
-        + bias_delta[s]
+    x' = x * ia3_in[s]
+    y  = ((base(x') + (x' @ lora_a[s].T) @ lora_b[s]) * dora_scale[s] + dora_shift[s] + bias_delta[s]) * ia3_out[s]
 
-(PEFT never puts LoRA and IA3 in one adapter, so the order of terms only matters
-per kind, and matches PEFT for each.) Each term runs only when a row of the batch
+For one kind the unused terms are exact identities, so each kind is PEFT's own formula. A slot
+holding several kinds (a composition, adapters.composition) gets IA3 around the LoRA-adapted layer:
+PEFT's IA3 loaded over the LoRA merged into the base. Each term runs only when a row of the batch
 has a slot that uses it in this layer (per-slot sets and the mapping's any_* flags),
 so a batch without DoRA rows pays nothing for DoRA.
 
@@ -112,11 +113,9 @@ class AdapterLinear(nn.Module):
             # bf16 block scales (a row under another adapter changed its greedy token 11 of 20).
             rows = m.merged_correction
             y = y.index_copy(0, rows, self.base(x_in.index_select(0, rows)).to(y.dtype))
-        if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):
-            y = row_scale(y, self.ia3_out, slots)
         rank = max(self.lora_ranks[s] for s in present) if m.any_lora else 0
         if rank:
-            y = add_lora(y, x, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
+            y = add_lora(y, x_in, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
         if m.any_dora and not self.dora_slots.isdisjoint(present):
             y = row_scale(y, self.dora_scale, slots)  # g (W x + b + s B A x)
             if self.dora_shift is not None:  # + b (1 - g); zero (exactly) for non-DoRA rows
@@ -125,6 +124,8 @@ class AdapterLinear(nn.Module):
         if self.bias_slots and not self.bias_slots.isdisjoint(present):  # zero (exactly) for other rows
             y = y + (self.bias_delta.index_select(0, slots)[:, None, :] if slots.numel() > 1
                      else self.bias_delta[int(slots[0])])
+        if m.any_ia3 and not self.ia3_out_slots.isdisjoint(present):  # last: IA3 scales the adapted layer
+            y = row_scale(y, self.ia3_out, slots)
         return y
 
     # ---- slot state ----
@@ -213,7 +214,8 @@ class AdapterLinear(nn.Module):
 
         LoRA: W + B^T A. IA3 (PEFT's order): out-scaling y = (W x + b) * l gives l W and l b;
         in-scaling y = W (x * l) + b gives W diag(l). DoRA: g (W + B^T A) with b unchanged (PEFT's
-        merge: exact). A bias term: b + bias_delta (a bias of its own where the base has none).
+        merge: exact). A bias term: b + bias_delta (a bias of its own where the base has none). In one
+        slot, in the forward's order: l_out * (g (W + B^T A) diag(l_in)), l_out * (b + bias_delta).
         """
         rank = self.lora_ranks[slot]
         scales_in, scales_out = slot in self.ia3_in_slots, slot in self.ia3_out_slots
@@ -225,13 +227,13 @@ class AdapterLinear(nn.Module):
             weight = weight + self.lora_b[slot, :rank].t() @ self.lora_a[slot, :rank]  # [O, r] @ [r, I]
         if scales_in:
             weight = weight * self.ia3_in[slot][None, :]
-        if scales_out:
-            weight = weight * self.ia3_out[slot][:, None]
-            bias = None if bias is None else bias * self.ia3_out[slot]
         if slot in self.dora_slots:
             weight = weight * self.dora_scale[slot][:, None]
         if biased:
             bias = self.bias_delta[slot].clone() if bias is None else bias + self.bias_delta[slot]
+        if scales_out:
+            weight = weight * self.ia3_out[slot][:, None]
+            bias = None if bias is None else bias * self.ia3_out[slot]
         return weight, bias
 
 

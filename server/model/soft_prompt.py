@@ -13,14 +13,20 @@ import torch
 from server.model.kv_cache import KVCache
 
 
-def soft_prompt_kv(mapping, embeddings: torch.Tensor, merged: bool) -> torch.Tensor:
+def soft_prompt_kv(mapping, embeddings: torch.Tensor, merged: bool, slot: int = 0,
+                   layer_state: frozenset[str] = frozenset()) -> torch.Tensor:
     """K/V ``[layers, 2, Hkv, P, D]`` (K at [:, 0], rotary applied) of ``embeddings`` [P, E] at positions 0..P-1,
-    through the base alone: the forward is routed to slot 0 (and, with an adapter merged, `merged` true, through
-    the base's own product) on `mapping` (a BatchMapping), whose routing is restored afterwards."""
+    through the base with `slot`'s per-layer state (`layer_state`: what the slot holds; slot 0, the base alone,
+    for a prompt-tuning adapter; a composition's slot, whose LoRA / IA3 PEFT applies to the virtual tokens too).
+    With an adapter merged (`merged` true) the row goes through the base's own product. The routing of
+    `mapping` (a BatchMapping) is restored afterwards."""
     saved = dict(vars(mapping))
-    zero = torch.zeros(1, dtype=torch.long, device=mapping.model.model.embed_tokens.weight.device)
-    vars(mapping).update(slot_of_row=zero, slots_present=frozenset({0}), uniform_slot=0, any_lora=False,
-                         any_ia3=False, any_dora=False, merged_correction=zero if merged else None, active=True)
+    device = mapping.model.model.embed_tokens.weight.device
+    row = torch.full((1,), slot, dtype=torch.long, device=device)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    vars(mapping).update(slot_of_row=row, slots_present=frozenset({slot}), uniform_slot=slot,
+                         any_lora="lora" in layer_state, any_ia3="ia3" in layer_state, any_dora="dora" in layer_state,
+                         merged_correction=zero if merged else None, active=True)
     try:
         return _forward_kv(mapping.model, embeddings)
     finally:

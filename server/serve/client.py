@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 from types import SimpleNamespace
 
+from adapters.composition import resolve as resolve_composition
 from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
 from server.api.errors import as_api_error
@@ -57,7 +58,8 @@ class RayEngineClient:
         self.max_seq_len = min(config.max_seq_len, args.max_position_embeddings)
         self.adapter_store = AdapterStore(Path(config.adapter_dir or default_cache_dir() / "adapters"))
         # what Engine.make_request reads besides vocab_size and max_seq_len
-        self.adapters = SimpleNamespace(record=self.adapter_store.get)
+        self.adapters = SimpleNamespace(record=self.adapter_store.get, plan=lambda composition: resolve_composition(
+            self.adapter_store, composition, max_rank=engine_config.max_lora_rank))
         self.eos_token_ids = _eos_ids(SimpleNamespace(hf_config=self.hf_config, tokenizer=self.tokenizer,
                                                       generation_config=_generation_config(path)))
         self.grammars = _grammars(self.tokenizer, self.vocab_size, self.eos_token_ids)
@@ -79,9 +81,10 @@ class RayEngineClient:
     # ---- requests ----
 
     def make_request(self, prompt_token_ids: list[int], params, adapter: str | None = None,
-                     request_id: str | None = None) -> Request:
+                     request_id: str | None = None, composition=None) -> Request:
         """Exactly the engine's validation (same code), on this client's vocabulary, context and store."""
-        return Engine.make_request(self, prompt_token_ids, params, adapter=adapter, request_id=request_id)
+        return Engine.make_request(self, prompt_token_ids, params, adapter=adapter, request_id=request_id,
+                                   composition=composition)
 
     def stream(self, request: Request) -> "RayRequestStream":
         """Send ``request`` to a replica; raises QueueFull past ``replicas * (max_batch + max_waiting)``."""
@@ -168,7 +171,7 @@ class RayRequestStream:
     def _payload(self) -> dict:
         r = self.request
         return {"prompt_token_ids": r.prompt_token_ids, "params": r.params, "adapter": r.adapter,
-                "adapter_version": r.adapter_version, "request_id": r.request_id}
+                "composition": r.composition, "adapter_version": r.adapter_version, "request_id": r.request_id}
 
     async def _run(self) -> None:
         metrics = self.client.metrics

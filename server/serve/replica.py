@@ -26,6 +26,7 @@ import logging
 
 from ray import serve
 
+from adapters.composition import member_versions
 from adapters.format import AdapterError
 from adapters.store import StoreError
 from server.config import EngineConfig
@@ -86,8 +87,11 @@ class EngineReplica:
         head = {"replica": self.label, "hit": hit}
         try:
             request = self.engine.make_request(payload["prompt_token_ids"], payload["params"],
-                                               adapter=payload["adapter"], request_id=payload["request_id"])
-            self._note_version(request.adapter, request.adapter_version)
+                                               adapter=payload["adapter"], request_id=payload["request_id"],
+                                               composition=payload.get("composition"))
+            if request.adapter_version is not None:
+                for version in member_versions(request.adapter_version):  # one, or a composition's members
+                    self._note_version(version.split("@")[0], version)
             stream = self.engine.stream(request)
         except REFUSALS as exc:
             yield {**head, "error": exc}

@@ -1,0 +1,110 @@
+"""The CPU tier of adapters: validated adapters loaded from the store, LRU by bytes, loaded off the engine thread.
+
+Keys are versions (``name@sha256-prefix``, adapters.composition.version_key) or composition keys. A load
+starts when a request is submitted (`prefetch`) and runs on one background thread, so reading and
+validating the files overlaps with the request's wait in the queue; the engine thread only polls
+(`get`), never blocks on disk. A composition's combined adapter (adapters.kinds.composite) is built on
+the engine thread once its members are here, and cached under its own key.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
+
+from adapters.composition import Composition, member_versions, names_of
+from adapters.kinds import Adapter
+from adapters.kinds.composite import compose
+from server.engine.request import AdmissionFailed
+
+
+class AdapterLoadFailed(AdmissionFailed):
+    """The adapter's files could not be loaded (the request fails with this message)."""
+
+
+class AdapterCache:
+    def __init__(self, load: Callable[[str], Adapter], max_bytes: int, pool=None):
+        """``load(name)`` reads and validates the stored adapter; ``pool.metrics`` (if set) counts loads."""
+        self._load_fn, self.max_bytes, self._pool = load, max_bytes, pool
+        self._entries: OrderedDict[str, Adapter] = OrderedDict()
+        self._bytes = 0
+        self._loading: dict[str, Future] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    # ---- any thread ----
+
+    def prefetch(self, key: str, name: str) -> None:
+        """Start loading an adapter version unless it is here or on its way."""
+        with self._lock:
+            if key in self._entries or key in self._loading:
+                return
+            self._loading[key] = self._executor.submit(self._load, key, name)
+
+    def invalidate(self, name: str) -> None:
+        """Forget every cached version of `name` and every composition holding it."""
+        with self._lock:
+            for key in [k for k in self._entries if name in names_of(k)]:
+                self._bytes -= self._entries.pop(key).nbytes
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, key: str, name: str) -> Adapter:
+        start = time.perf_counter()
+        adapter = self._load_fn(name)
+        self._put(key, adapter)
+        metrics = getattr(self._pool, "metrics", None)
+        if metrics is not None:
+            metrics.adapter_loads.inc()
+            metrics.adapter_load_seconds.observe(time.perf_counter() - start)
+        return adapter
+
+    def _put(self, key: str, adapter: Adapter) -> None:
+        with self._lock:
+            self._entries[key] = adapter
+            self._bytes += adapter.nbytes
+            while self._bytes > self.max_bytes and len(self._entries) > 1:
+                _, dropped = self._entries.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+    # ---- engine thread ----
+
+    def get(self, key: str, name: str) -> Adapter | None:
+        """The adapter if loaded (None while loading; starts a load if none is on its way). Raises AdapterLoadFailed."""
+        with self._lock:
+            adapter = self._entries.get(key)
+            if adapter is not None:
+                self._entries.move_to_end(key)
+                return adapter
+            future = self._loading.get(key)
+        if future is None:
+            self.prefetch(key, name)
+            return None
+        if not future.done():
+            return None
+        with self._lock:
+            self._loading.pop(key, None)
+        error = future.exception()
+        if error is not None:
+            raise AdapterLoadFailed(f"adapter {name!r} could not be loaded: {error}") from error
+        return future.result()
+
+    def get_composite(self, composition: Composition, key: str) -> Adapter | None:
+        """The combined adapter of a composition once all its members are loaded (None before)."""
+        with self._lock:
+            adapter = self._entries.get(key)
+        if adapter is not None:
+            return adapter
+        loaded = {m.name: self.get(member_key, m.name) for m, member_key in zip(composition.members,
+                                                                                member_versions(key))}
+        if any(a is None for a in loaded.values()):
+            return None
+        adapter = compose(composition, loaded)
+        self._put(key, adapter)  # counted by its own bytes (a weighted LoRA sum is new tensors)
+        return adapter
