@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from loadtest.workload import KINDS, adapter_name
+from loadtest.workload import GENERATED_KINDS, adapter_name
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +42,24 @@ class AdapterSpec:
 def make_template(kind: str, base_dir: Path, dest: Path, *, rank: int = 16, prefix_tokens: int = 8,
                   seed: int = 0) -> Path:
     """One adapter of ``kind`` made by PEFT itself on ``base_dir``, saved in PEFT format at ``dest``."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    if kind == "lora":
+    if kind in ("lora", "dora", "lorabias"):
         config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS),
-                            init_lora_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM")
+                            init_lora_weights=False, lora_dropout=0.0, task_type="CAUSAL_LM",
+                            use_dora=kind == "dora", lora_bias=kind == "lorabias")
+    elif kind == "prompt":
+        config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_tokens)
     elif kind == "ia3":
         config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                            task_type="CAUSAL_LM")
     elif kind == "prefix":
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_tokens)
     else:
-        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise ValueError(f"unknown adapter kind {kind!r}; choose one of {', '.join(GENERATED_KINDS)}")
     model = get_peft_model(model, config)
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     model.save_pretrained(dest, safe_serialization=True)
@@ -69,10 +72,12 @@ def _draw(kind: str, key: str, like: torch.Tensor, gen: torch.Generator) -> torc
     shape = like.shape
     if kind == "ia3":
         values = torch.rand(shape, generator=gen) * 1.6 + 0.2          # scales in [0.2, 1.8]
-    elif kind == "lora" and "lora_A" in key:
+    elif "lora_magnitude_vector" in key:                               # DoRA: the template's m, rescaled
+        return (like.float() * (torch.rand(shape, generator=gen) + 0.5)).to(like.dtype).contiguous()
+    elif "lora_A" in key:
         values = torch.randn(shape, generator=gen) / shape[-1] ** 0.5  # PEFT's kaiming-like scale
-    elif kind == "lora":
-        values = torch.randn(shape, generator=gen) * 0.1              # lora_B: clearly non-zero
+    elif "lora_B" in key:
+        values = torch.randn(shape, generator=gen) * 0.1              # lora_B (and its bias): clearly non-zero
     else:
         values = torch.randn(shape, generator=gen)                    # prefix prompt_embeddings
     return values.to(like.dtype).contiguous()
@@ -116,7 +121,7 @@ class AdapterFactory:
         name = adapter_name(kind, index)
         path = self.root / name
         if not (path / WEIGHTS_NAME).is_file():
-            seed = (self.seed * 1_000_003 + KINDS.index(kind) * 100_003 + index) % 2**63
+            seed = (self.seed * 1_000_003 + GENERATED_KINDS.index(kind) * 100_003 + index) % 2**63
             perturb(self.template(kind), path, kind, seed)
         return AdapterSpec(name, kind, path)
 

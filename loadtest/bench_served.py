@@ -12,7 +12,9 @@ own, as the server's engine does (`bench_engine.like_the_server`).
 together; tok/s = generated tokens / wall time of that batch. Variants: base; every client a
 distinct LoRA (r=16 on q,k,v,o); a distinct IA3; a distinct prefix (16 virtual tokens); a
 mix (base, LoRA, IA3, prefix in turn); all clients on one hot LoRA, which the server's
-default merge policy merges (warmed up until /metrics says so). Each variant is warmed up
+default merge policy merges (warmed up until /metrics says so); a distinct DoRA (r=16, q,k,v,o);
+a distinct LoRA with ``lora_bias``; a distinct prompt-tuning adapter (16 virtual tokens); a distinct
+composition (the client's LoRA + its IA3 in one request). Each variant is warmed up
 (its adapters loaded into slots, the merge state it needs reached) before it is timed.
 In the same rounds: the engine in-process (`Engine.generate`, the server's resolved config),
 HF `generate` on the base and PEFT's mixed-batch `generate(adapter_names=...)` on the same
@@ -58,7 +60,8 @@ from server.engine.request import SamplingParams
 from server.model.loader import parse_dtype
 
 log = logging.getLogger("bench_served")
-VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged")
+VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged", "dora", "lorabias", "prompt", "compose")
+SINGLE_KINDS = ("lora", "ia3", "prefix", "dora", "lorabias", "prompt")  # a distinct adapter per client
 IN_PROCESS = ("engine/base", "hf/base", "peft/lora")
 
 
@@ -110,7 +113,7 @@ class Setup:
 
     def adapters(self, n: int) -> dict[str, list]:
         factory = AdapterFactory(self.model, self.work / "adapters", rank=16, prefix_tokens=16, seed=1)
-        counts = {"lora": n + 1, "ia3": n, "prefix": n}  # one more LoRA: the hot (merged) adapter
+        counts = {kind: n for kind in SINGLE_KINDS} | {"lora": n + 1}  # one more LoRA: the hot (merged) adapter
         specs = {kind: [factory.get(kind, i) for i in range(count)] for kind, count in counts.items()}
         register(self.store, [s for kind in specs.values() for s in kind])
         return specs
@@ -125,8 +128,14 @@ def variants(specs: dict[str, list], prompts: list[list[int]], new_tokens: int) 
     kinds = [None, "lora", "ia3", "prefix"]
     names = {"base": [None] * n, "merged": [hot] * n,
              "mix": [None if kinds[i % 4] is None else specs[kinds[i % 4]][i].name for i in range(n)],
-             **{kind: [specs[kind][i].name for i in range(n)] for kind in ("lora", "ia3", "prefix")}}
-    return {f"served/{v}": [RequestSpec(a, p, new_tokens) for a, p in zip(names[v], prompts)] for v in VARIANTS}
+             **{kind: [specs[kind][i].name for i in range(n)] for kind in SINGLE_KINDS}}
+    out = {f"served/{v}": [RequestSpec(a, p, new_tokens) for a, p in zip(names[v], prompts)]
+           for v in VARIANTS if v in names}
+    # a composition per client (adapters.composition): its own LoRA and IA3 in one slot
+    out["served/compose"] = [RequestSpec(None, p, new_tokens, adapters={specs["lora"][i].name: 1.0,
+                                                                        specs["ia3"][i].name: 1.0})
+                             for i, p in enumerate(prompts)]
+    return out
 
 
 def warm(srv, specs: list[RequestSpec], want_merged: bool, tries: int = 4) -> dict:

@@ -171,7 +171,8 @@ async def complete_openai(client, index: int, spec: RequestSpec, base_model: str
     if result is None:
         result = Result(index=index, adapter=spec.adapter, kind=spec.kind, sent=0.0)
     result.expected_tokens, result.sent = spec.max_tokens, time.perf_counter()
-    extra = {"ignore_eos": True, **({"adapter": spec.adapter} if spec.adapter else {})}
+    extra = {"ignore_eos": True, **({"adapter": spec.adapter} if spec.adapter else {}),
+             **({"adapters": spec.adapters} if spec.adapters else {})}
     parts = []
     try:
         stream = await client.completions.create(model=base_model, prompt=spec.prompt, max_tokens=spec.max_tokens,

@@ -17,7 +17,8 @@ import random
 from dataclasses import dataclass
 from itertools import accumulate
 
-KINDS = ("lora", "ia3", "prefix")
+KINDS = ("lora", "ia3", "prefix")  # the kinds the load mixes (loadtest.harness, locust)
+GENERATED_KINDS = KINDS + ("dora", "prompt", "lorabias")  # loadtest.adapters_gen makes these too (new: appended)
 
 _WORD_TEXT = ("the a of to and in is it you that he was for on are with as his they be at one have this from or "
          "had by word but what some we can out other were all there when up use your how said an each she "
@@ -119,9 +120,12 @@ class RequestSpec:
     adapter: str | None
     prompt: str | list[int]
     max_tokens: int
+    adapters: dict[str, float] | None = None  # a composition instead (the server's `adapters` field)
 
     @property
     def kind(self) -> str:
+        if self.adapters is not None:
+            return "composition"
         return "base" if self.adapter is None else self.adapter.rpartition("-")[0] or "adapter"
 
 
