@@ -165,6 +165,7 @@ class AdapterStore:
         self._staging = self.root / ".staging"
         self._index = self.root / INDEX_NAME
         self._thread_lock = threading.Lock()
+        self._parsed: tuple[tuple[int, int, int], dict[str, AdapterRecord]] | None = None  # (stat stamp, index)
         for d in (self.root, self._dir, self._staging):
             d.mkdir(parents=True, exist_ok=True)
         with self._locked():
@@ -299,11 +300,19 @@ class AdapterStore:
             shutil.rmtree(aside, ignore_errors=True)
 
     def _read_index(self) -> dict[str, AdapterRecord]:
+        """The index as stored now (another process may have written it): parsed again only when the file
+        changed. Every write replaces the file (a new inode), so (inode, mtime, size) tells a change; a stat
+        costs microseconds where parsing 200 records took 0.8 ms, paid 2-3 times per adapter request."""
         try:
-            raw = json.loads(self._index.read_text(encoding="utf-8"))
+            st = os.stat(self._index)
         except FileNotFoundError:
             return {}
-        return {n: AdapterRecord.from_dict(d) for n, d in raw.get("adapters", {}).items()}
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._parsed
+        if cached is None or cached[0] != stamp:
+            raw = json.loads(self._index.read_text(encoding="utf-8"))
+            cached = self._parsed = (stamp, {n: AdapterRecord.from_dict(d) for n, d in raw.get("adapters", {}).items()})
+        return dict(cached[1])  # records are frozen; the dict is the caller's
 
     def _write_index(self, entries: dict[str, AdapterRecord]) -> None:
         payload = {"version": 1, "adapters": {n: entries[n].to_dict() for n in sorted(entries)}}
@@ -314,6 +323,7 @@ class AdapterStore:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._index)
+            self._parsed = None  # never trust the stamp for our own writes (a freed inode can be reused)
             fsync_path(self.root)
         finally:
             if tmp.exists():
