@@ -6,7 +6,8 @@ adapterctl to the vLLM one, every request through the openai client. The API exp
 text, the per-token strings, and each token's logprob (within 1e-4: vLLM's CPU kernels sum in another order,
 the measured differences are ~1e-6) with its top-3 alternatives. Also: base and LoRA rows batched together
 in vLLM give the solo answers, stop strings cut the text where native cuts it, and IA3 (stored: the store is
-shared) is refused with a 400 naming ``--engine native``, as are response_format and prompt scoring.
+shared) is refused with a 400 naming ``--engine native``, as are compositions, response_format and prompt
+scoring.
 
 Skipped when no python with vLLM is found (``make install-vllm``; ``ADAPTER_SERVER_VLLM_PYTHON`` points
 elsewhere), except the flag checks, which need no vLLM. The vLLM worker starts in ~40 s on the 2-core
@@ -143,13 +144,15 @@ def test_stop_strings_and_streaming_match_native(servers):
     assert texts["vllm"] == texts["native"] == want[:want.index(stop)]
 
 
-@pytest.mark.parametrize("case", ["ia3", "response_format", "echo_logprobs"])
+@pytest.mark.parametrize("case", ["ia3", "composition", "response_format", "echo_logprobs"])
 def test_refused_with_a_400_naming_engine_native(servers, case):
     import openai
 
     kwargs = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
     if case == "ia3":
         kwargs["extra_body"] = {"adapter": "my-ia3"}
+    elif case == "composition":
+        kwargs["extra_body"] = {"adapters": ["my-lora", "my-ia3"]}
     elif case == "response_format":
         kwargs["extra_body"] = {"response_format": {"type": "json_object"}}
     else:
