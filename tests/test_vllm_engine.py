@@ -170,3 +170,26 @@ def test_engine_vllm_flag_errors(flags, message):
     done = subprocess.run([sys.executable, "-m", "server.cli", "--engine", "vllm", *flags], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_a_dead_worker_makes_health_and_requests_503(servers):
+    """Last in the module (it kills the vLLM server's worker): /health and requests answer 503, not 200 / a hang."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    vllm = servers["vllm"]
+    children = subprocess.run(["pgrep", "-P", str(vllm.proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the vLLM server has no worker process"
+    for pid in children:
+        os.kill(int(pid), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{vllm.url}/health").status_code != 503:
+        assert time.monotonic() < deadline, "/health still answers 200 with the worker dead"
+        time.sleep(0.2)
+    assert "vLLM worker exited" in httpx.get(f"{vllm.url}/health").json()["reason"]
+    response = httpx.post(f"{vllm.url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
+                          timeout=30)
+    assert response.status_code == 503 and "restart the server" in response.text, response.text

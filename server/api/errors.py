@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.format import AdapterError
 from adapters.store import AdapterNotFound, StoreError
-from server.engine.request import QueueFull, RequestError
+from server.engine.request import EngineUnavailable, QueueFull, RequestError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ def as_api_error(exc: Exception) -> APIError:
         return exc
     if isinstance(exc, QueueFull):
         return APIError(429, str(exc), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc), code="engine_unavailable")
     if isinstance(exc, AdapterNotFound):
         return APIError(404, str(exc), param="adapter", code="adapter_not_found")
     if isinstance(exc, StoreError):
@@ -106,7 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
         error = as_api_error(exc)
         return error_response(error.status, error.message, error.param, error.code, error.headers)
 
-    for exc_type in (APIError, RequestError, QueueFull, StoreError, AdapterError):
+    for exc_type in (APIError, RequestError, QueueFull, EngineUnavailable, StoreError, AdapterError):
         app.add_exception_handler(exc_type, _known)
 
     @app.exception_handler(RequestValidationError)

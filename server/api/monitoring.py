@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.context import ServerContext, get_context
@@ -16,6 +16,9 @@ INFERENCE_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions":
 @router.get("/health")
 async def health(ctx: ServerContext = Depends(get_context)):
     engine = ctx.engine
+    down = getattr(engine, "unavailable", None)  # why the engine takes no requests (e.g. its worker died), or None
+    if down:
+        return JSONResponse({"status": "unavailable", "model": engine.model_name, "reason": down}, status_code=503)
     return {"status": "ok", "model": engine.model_name, "running": engine.num_running, "waiting": engine.num_waiting}
 
 

@@ -38,6 +38,10 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound (HTTP 429)."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take requests (e.g. its worker process died; HTTP 503)."""
+
+
 class AdmissionFailed(RuntimeError):
     """A waiting request can never be admitted (e.g. its adapter cannot be loaded); it fails with this message."""
 

@@ -41,12 +41,11 @@ from types import SimpleNamespace
 
 from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
-from server.api.errors import APIError
 from server.config import EngineConfig
 from server.engine.adapter_pool import version_key
 from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
-from server.engine.request import QueueFull, Request, RequestError
+from server.engine.request import EngineUnavailable, QueueFull, Request, RequestError
 from server.engine.vllm_requests import LoraSnapshots, check_supported, vllm_params
 from server.engine.vllm_stream import VllmRequestStream, dispatch
 from server.model.builtin import default_cache_dir
@@ -208,9 +207,14 @@ class VllmEngineClient:
         request.vllm = (vllm_params(request, max_tokens, self.eos_token_ids), lora, max_tokens)
         return request
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why no request can be served (GET /health answers 503 with it), or None."""
+        return self.dead
+
     def stream(self, request: Request) -> VllmRequestStream:
         if self.dead:
-            raise APIError(503, f"{self.dead}; restart the server", code="engine_dead")
+            raise EngineUnavailable(f"{self.dead}; restart the server")
         if len(self.streams) >= self.max_in_flight:
             raise QueueFull(f"{self.max_in_flight} requests are in flight; try again later")
         params, lora, max_tokens = request.vllm
