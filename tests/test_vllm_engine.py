@@ -193,3 +193,11 @@ def test_a_dead_worker_makes_health_and_requests_503(servers):
     response = httpx.post(f"{vllm.url}/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2},
                           timeout=30)
     assert response.status_code == 503 and "restart the server" in response.text, response.text
+    deadline = time.monotonic() + 20
+    while True:  # the worker's own vLLM processes (its session) went with it (SIGKILLed; reaped by init)
+        left = [p for pid in children for p in subprocess.run(["ps", "-o", "pid=,stat=", "-s", pid], capture_output=True,
+                                                               text=True).stdout.splitlines() if "Z" not in p.split()[1]]
+        if not left:
+            break
+        assert time.monotonic() < deadline, f"vLLM processes {left} outlived their worker"
+        time.sleep(0.5)

@@ -147,7 +147,9 @@ class VllmEngineClient:
                     by_loop.setdefault(stream.loop, []).append((stream, event))
             for loop, items in by_loop.items():
                 _call(loop, dispatch, items)
-        self.dead = f"the vLLM worker exited (code {self.process.wait()})"
+        code = self.process.wait()
+        self._kill_group()
+        self.dead = f"the vLLM worker exited (code {code})"
         ready.put(None)
         for stream in list(self.streams.values()):
             _call(stream.loop, stream.fail, self.dead)
@@ -163,7 +165,7 @@ class VllmEngineClient:
     def _stop_process(self, grace: float = 30.0) -> None:
         for sig, wait in ((None, grace), (signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
             if self.process.poll() is not None:
-                return
+                return self._kill_group()
             if sig is None:
                 self.send({"op": "shutdown"})
             else:
@@ -175,6 +177,14 @@ class VllmEngineClient:
                 self.process.wait(timeout=wait)
             except subprocess.TimeoutExpired:
                 log.warning("the vLLM worker did not exit%s", f" after {sig.name}" if sig else "")
+
+    def _kill_group(self) -> None:
+        """The worker has exited: its vLLM processes (EngineCore, Worker; same session) must not outlive it (a
+        SIGKILLed worker left them running, holding 1.6 GB and a core)."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     # ---- text and requests ----
 
