@@ -43,6 +43,25 @@ def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         target.put_nowait(output)
 
 
+class QueuedOutputs:
+    """Async iteration over ``self.queue`` (outputs, or an exception to raise, put by the stream's producer) until
+    ``self.finished`` is set and the queue is drained: the streams of the remote engines (Ray replicas, vLLM)."""
+
+    queue: asyncio.Queue
+    finished: bool
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished and self.queue.empty():
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
 class RequestStream:
     """Async iterator over one request's outputs; closing it early aborts the request."""
 

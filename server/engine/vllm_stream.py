@@ -14,6 +14,7 @@ import time
 
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.request import Request, RequestError, RequestOutput, TokenLogprob
+from server.engine.streams import QueuedOutputs
 
 
 def dispatch(items) -> None:
@@ -22,7 +23,7 @@ def dispatch(items) -> None:
         stream.on_event(event)
 
 
-class VllmRequestStream:
+class VllmRequestStream(QueuedOutputs):
     """One request's outputs, built here from vLLM's token ids exactly as ``Engine._append`` builds them."""
 
     def __init__(self, client, request: Request, max_tokens: int):
@@ -87,17 +88,6 @@ class VllmRequestStream:
     def fail(self, message: str) -> None:
         if not self.finished:
             self._emit([], "", None, "error", error=message)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished and self.queue.empty():
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
     def abort(self) -> None:
         """Cancel the request in vLLM (idempotent; synchronous, so safe in a cancelled task)."""

@@ -28,6 +28,7 @@ from server.config import EngineConfig
 from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
 from server.engine.request import QueueFull, Request, RequestOutput
+from server.engine.streams import QueuedOutputs
 from server.model.builtin import default_cache_dir
 from server.model.loader import _generation_config, parse_dtype
 from server.serve.metrics import RayIngressMetrics
@@ -147,7 +148,7 @@ def _grammars(tokenizer, vocab_size: int, eos_token_ids):
     return Grammars(tokenizer, vocab_size, eos_token_ids)
 
 
-class RayRequestStream:
+class RayRequestStream(QueuedOutputs):
     """Async iterator over one request's outputs from a replica; ``abort()`` cancels it there.
 
     Starts at once (so the replica is known before the HTTP response starts); settles the HTTP
@@ -232,17 +233,6 @@ class RayRequestStream:
             self._settled = True
             if self._trace is not None:
                 self._trace.settle(self.replica if self.started else None)
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished and self.queue.empty():
-            raise StopAsyncIteration
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
 
     def abort(self) -> None:
         """Cancel the request on its replica (idempotent; synchronous, so safe in a cancelled task)."""
