@@ -1,6 +1,9 @@
-"""`make demo`: train a LoRA, an IA3 and a prefix adapter on the default model, serve them, score them.
+"""`make demo`: train one adapter of every trainer kind on the default model, serve them, score them.
 
-    python -m adapters.demo [--server URL] [--threads N] [--max-tokens N]
+    python -m adapters.demo [--kinds lora,ia3,...] [--server URL] [--threads N] [--max-tokens N]
+
+The kinds (:data:`KINDS`): LoRA, LoRA with a trained lora_B bias (``--lora-bias``), DoRA, IA3, prefix
+tuning, prompt tuning and P-tuning, each with the trainer's defaults (``--kinds`` picks some).
 
 The task ("shout"): answer in a short shout -- at most six words, all capitals, ending with "!".
 SmolLM2-135M-Instruct never answers that way by itself (it writes ordinary sentences). Training
@@ -33,7 +36,9 @@ import httpx
 
 DATA = Path(__file__).resolve().parent / "demo_data"
 TRAIN, HELDOUT = DATA / "shout_train.jsonl", DATA / "shout_heldout.jsonl"
-KINDS = ("lora", "ia3", "prefix")
+# demo name -> TrainConfig options besides the data (the name is the --kind unless "kind" says otherwise)
+KINDS = {"lora": {}, "lora-bias": {"kind": "lora", "lora_bias": True}, "dora": {}, "ia3": {}, "prefix": {},
+         "prompt": {}, "ptuning": {}}
 MAX_WORDS = 6
 
 
@@ -91,37 +96,40 @@ def chat(client: httpx.Client, model: str, question: str, max_tokens: int) -> st
     return response.json()["choices"][0]["message"]["content"]
 
 
-def train_all(work: Path, threads: int) -> dict:
-    """kind -> TrainResult, each trained with the trainer's defaults (as `adapterctl train` would)."""
+def train_all(work: Path, threads: int, kinds=tuple(KINDS)) -> dict:
+    """demo name -> TrainResult, each trained with the trainer's defaults (as `adapterctl train` would)."""
     from adapters.train import TrainConfig, train_adapter
 
     results = {}
-    for kind in KINDS:
-        print(f"$ adapterctl train --kind {kind} --data {TRAIN.name} --eval-data {HELDOUT.name} --out {kind} "
+    for name in kinds:
+        options = dict(KINDS[name])
+        kind = options.pop("kind", name)
+        flags = "".join(f" --{k.replace('_', '-')}" for k, v in options.items() if v is True)
+        print(f"$ adapterctl train --kind {kind}{flags} --data {TRAIN.name} --eval-data {HELDOUT.name} --out {name} "
               f"--threads {threads}", flush=True)
-        result = train_adapter(TrainConfig(kind=kind, data=TRAIN, eval_data=HELDOUT, out=work / kind,
-                                           threads=threads, progress=False, device="cpu"))
+        result = train_adapter(TrainConfig(kind=kind, data=TRAIN, eval_data=HELDOUT, out=work / name,
+                                           threads=threads, progress=False, device="cpu", **options))
         print(f"  {result.steps} steps ({result.epochs:.0f} epochs of {result.num_train} rows) in "
               f"{result.seconds:.0f} s; train loss {result.train_loss_start:.2f} -> {result.train_loss_end:.2f}, "
               f"held-out loss {result.eval_loss_start:.2f} -> {result.eval_loss_end:.2f}", flush=True)
-        results[kind] = result
+        results[name] = result
     return results
 
 
-def run(work: Path, threads: int, max_tokens: int, server: str | None) -> int:
+def run(work: Path, threads: int, max_tokens: int, server: str | None, kinds=tuple(KINDS)) -> int:
     from adapters.train import upload_adapter
     from server.model.default_model import ensure_default_model
 
     started = time.perf_counter()
     ensure_default_model()  # converted once, before the server and the trainer both want it
     with (local_server(work) if server is None else _running(server)) as ready:
-        results = train_all(work, threads)
+        results = train_all(work, threads, kinds)
         trained = time.perf_counter()
         url = ready()
         base = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
         for kind, result in results.items():
             upload_adapter(result.out, f"shout-{kind}", server=url, overwrite=True)
-        models = [base, *(f"shout-{kind}" for kind in KINDS)]
+        models = [base, *(f"shout-{kind}" for kind in results)]
         asked = questions()
         before = time.perf_counter()
         with httpx.Client(base_url=url, timeout=300) as client, ThreadPoolExecutor(len(asked) * len(models)) as pool:
@@ -155,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for training (default 1: on a shared 2-core machine two are slower)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (default 16)")
+    parser.add_argument("--kinds", type=lambda text: tuple(k.strip() for k in text.split(",") if k.strip()),
+                        default=tuple(KINDS), help=f"comma-separated, among {','.join(KINDS)} (default: all)")
     args = parser.parse_args(argv)
+    unknown = [k for k in args.kinds if k not in KINDS]
+    if unknown or not args.kinds:
+        parser.error(f"--kinds {','.join(unknown) or '(none)'}: choose among {','.join(KINDS)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("bitsandbytes", "transformers", "peft", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="adapter-demo-") as tmp:
-        return run(Path(tmp), args.threads, args.max_tokens, args.server)
+        return run(Path(tmp), args.threads, args.max_tokens, args.server, args.kinds)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from adapters.dataset import DatasetError
-from adapters.train_config import (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
+from adapters.train_config import (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
                                    PREFIX_INITS, QUANTIZATIONS, SCHEDULES, SERVER_MAX_RANK, TrainConfig, TrainError,
                                    TrainResult)
 from adapters.train_io import API_KEY_ENV, DEFAULT_SERVER, SERVER_ENV, UploadError, upload_adapter
@@ -65,7 +65,9 @@ def build_parser(prog: str = "adapterctl train") -> argparse.ArgumentParser:
     g.add_argument("--lr", "--learning-rate", dest="lr", type=float,
                    help="learning rate (default " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
-    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--warmup-steps", type=int,
+                   help="linear learning-rate warmup (default " + ", ".join(f"{k} {DEFAULT_WARMUP.get(k, 0)}" for k in KINDS)
+                        + ")")
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")

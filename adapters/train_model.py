@@ -240,7 +240,7 @@ def fit(model, train: Sequence[Example], config: TrainConfig, pad_id: int) -> li
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(config.schedule, s, total, config.warmup_steps))
+        optimizer, lambda s: lr_factor(config.schedule, s, total, config.warmup()))
     shuffler = torch.Generator().manual_seed(config.seed)
     losses: list[float] = []
     model.train()
