@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,11 @@ def save_adapter(model, dest: Path) -> None:
     try:
         # save_embedding_layers=False: embeddings are never trained here, and "auto" would look the
         # base name up on the model hub.
-        model.save_pretrained(str(scratch), safe_serialization=True, save_embedding_layers=False)
+        with warnings.catch_warnings():
+            # PEFT 0.21 takes lora_bias's 1-D lora_B.bias for an unsharded DeepSpeed/FSDP tensor (a false alarm;
+            # the server's reader checks every tensor's shape after the save)
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*lora_B\\.bias.*")
+            model.save_pretrained(str(scratch), safe_serialization=True, save_embedding_layers=False)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             os.replace(scratch / name, dest / name)  # PEFT's README.md model card stays behind
     finally:

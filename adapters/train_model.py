@@ -141,6 +141,8 @@ def build_model(config: TrainConfig, base_model, spec: BaseSpec, base_name: str)
     torch.manual_seed(config.seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        # lora_bias on a linear without a base bias: PEFT cannot merge it, the server serves and folds it anyway
+        warnings.filterwarnings("ignore", message=".*lora_bias=True. was passed but the targeted layer.*")
         model = get_peft_model(base_model, peft_config(config, spec))
     model.peft_config["default"].base_model_name_or_path = base_name
     return model
