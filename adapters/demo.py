@@ -12,7 +12,8 @@ data: 24 chat rows shipped in ``adapters/demo_data/shout_train.jsonl``; the 12 q
 held-out answers that follow the format (:func:`follows_format`). Each adapter is trained with the
 trainer's defaults (the step rule makes 24 rows 30 steps), uploaded to an ``adapter-server`` started
 with no ``--model`` (the default model) and a throwaway adapter store, and asked every held-out
-question by the chat endpoint, greedily, all 48 requests at once (base and adapters in shared batches).
+question by the chat endpoint, greedily, all at once (96 requests for the seven kinds and the base, in shared
+batches). Measured: every kind 11 or 12 of 12, the base 0; 308 s in all, 13 s of it the requests (README).
 Without --server the server is started on a free loopback port and stopped at the end; with it,
 that server must serve the default model. The exit code is 1 unless every adapter beats the base.
 """
