@@ -18,8 +18,9 @@ composition (the client's LoRA + its IA3 in one request). Each variant is warmed
 (its adapters loaded into slots, the merge state it needs reached) before it is timed.
 In the same rounds: the engine in-process (`Engine.generate`, the server's resolved config),
 HF `generate` on the base and PEFT's mixed-batch `generate(adapter_names=...)` on the same
-LoRAs. Rounds rotate the order; every ratio is the median over rounds of the ratio within one
-round (this machine drifts 10-30% between runs minutes apart).
+LoRAs. Rounds rotate the order (served variants first, then the in-process peers, then a pause:
+SETTLE_S); every ratio is the median over rounds of the ratio within one round (this machine drifts
+10-30% between runs minutes apart).
 
 `--with-vllm`: rows vllm/base and vllm/lora, the same batches on `adapter-server --engine vllm` (same
 flags and store; docs/VLLM.md), timed in the same rounds.
@@ -63,6 +64,11 @@ log = logging.getLogger("bench_served")
 VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged", "dora", "lorabias", "prompt", "compose")
 SINGLE_KINDS = ("lora", "ia3", "prefix", "dora", "lorabias", "prompt")  # a distinct adapter per client
 IN_PROCESS = ("engine/base", "hf/base", "peft/lora")
+# Seconds between a round's in-process peers and the next round's served batches. With the peers rotated among
+# the served variants, the served batch right after PEFT's generate ran ~12% slow (2026-12-01: served/base 330
+# tok/s first in round 1, 288-289 right after peft/lora in rounds 2 and 3), which skewed every ratio to the base.
+# So each round runs the served variants (rotated), then the peers (rotated), then pauses.
+SETTLE_S = 5.0
 
 
 def parse_args(argv):
@@ -205,6 +211,7 @@ def run_main(args, setup: Setup) -> dict:
         work.update({"vllm/base": work["served/base"], "vllm/lora": work["served/lora"]})
     names = list(work) + list(peers)
     rounds = []
+    served_names, peer_names = list(work), list(peers)
     with setup.server("served") as srv, contextlib.ExitStack() as stack:
         print("server:", " ".join(srv.argv), flush=True)
         vllm = stack.enter_context(setup.server("vllm", ["--engine", "vllm"])) if args.with_vllm else None
@@ -212,18 +219,26 @@ def run_main(args, setup: Setup) -> dict:
             print("vLLM server:", " ".join(vllm.argv), f"(up after {vllm.startup_seconds:.0f} s)", flush=True)
         for r in range(args.rounds):
             row = {}
-            for name in names[r % len(names):] + names[:r % len(names)]:
-                target = vllm if name.startswith("vllm/") else srv
-                row[name] = peers[name]() if name in peers else timed_served(target, work[name],
-                                                                             name == "served/merged")
+            for name in _rotated(served_names, r) + _rotated(peer_names, r):
+                if name in peers:
+                    row[name] = peers[name]()
+                else:
+                    row[name] = timed_served(vllm if name.startswith("vllm/") else srv, work[name],
+                                             name == "served/merged")
                 print(f"round {r + 1} {name}: {row[name]['tok_s']:.1f} tok/s", flush=True)
             rounds.append(row)
+            if peer_names:
+                time.sleep(SETTLE_S)
     summary = served.summarize_rounds(rounds, names)
     targets = served.check_targets(rounds)
     print(served.table(summary, targets))
     return {"server_argv": srv.argv, "in_process_threads": {"engine/base": threads, "hf/base": args.threads,
                                                              "peft/lora": args.threads},
             "vllm_server_argv": vllm.argv if vllm else None, "rounds": rounds, "summary": summary, "targets": targets}
+
+
+def _rotated(names: list[str], r: int) -> list[str]:
+    return names[r % len(names):] + names[:r % len(names)] if names else []
 
 
 def run_long(args, setup: Setup) -> dict:
