@@ -43,3 +43,16 @@ class IncrementalDetokenizer:
         delta = text[self.emitted:end]
         self.emitted = end
         return delta
+
+
+class TokenizerText:
+    """``encode`` / ``decode`` of the engine contract over ``self.tokenizer`` (a HF tokenizer): the prompt with the
+    model's special tokens (BOS), outputs without them. Shared by Engine and the remote engine clients."""
+
+    tokenizer: object
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)

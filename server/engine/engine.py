@@ -29,7 +29,7 @@ from adapters.store import AdapterStore
 from server.config import EngineConfig
 from server.engine.adapter_pool import AdapterPool, version_key
 from server.engine.merge_policy import MergePolicy
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, TokenizerText
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampling import RowSampling, make_generator
@@ -64,7 +64,7 @@ class _Tracked:
         return entries
 
 
-class Engine:
+class Engine(TokenizerText):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device | str = "cpu",
                  store: AdapterStore | None = None):
         self.loaded = loaded
@@ -91,12 +91,6 @@ class Engine:
         self.steps = 0
 
     # ---- text (any thread) ----
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- submission (any thread) ----
 

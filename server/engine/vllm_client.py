@@ -43,6 +43,7 @@ from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
 from server.config import EngineConfig
 from server.engine.adapter_pool import version_key
+from server.engine.detokenizer import TokenizerText
 from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
 from server.engine.request import EngineUnavailable, QueueFull, Request, RequestError
@@ -67,7 +68,7 @@ def vllm_python(configured: str | None = None) -> Path:
     return path
 
 
-class VllmEngineClient:
+class VllmEngineClient(TokenizerText):
     """The engine contract (see server/api) over a vLLM worker process."""
 
     def __init__(self, engine_config: EngineConfig, startup_timeout: float = 900.0):
@@ -186,13 +187,7 @@ class VllmEngineClient:
         except (ProcessLookupError, PermissionError):
             pass
 
-    # ---- text and requests ----
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    # ---- requests (encode / decode: TokenizerText) ----
 
     def make_request(self, prompt_token_ids: list[int], params, adapter: str | None = None,
                      request_id: str | None = None, composition=None) -> Request:

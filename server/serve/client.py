@@ -25,6 +25,7 @@ from adapters.format import BaseSpec, load_adapter
 from adapters.store import AdapterStore
 from server.api.errors import as_api_error
 from server.config import EngineConfig
+from server.engine.detokenizer import TokenizerText
 from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
 from server.engine.request import QueueFull, Request, RequestOutput
@@ -37,7 +38,7 @@ from server.serve.trace import current_trace
 log = logging.getLogger(__name__)
 
 
-class RayEngineClient:
+class RayEngineClient(TokenizerText):
     """The engine contract (see server/api) over a ``DeploymentHandle`` to ``EngineReplica``."""
 
     def __init__(self, engine_config: EngineConfig, handle, *, replicas: int = 1, retries: int = 2,
@@ -71,15 +72,7 @@ class RayEngineClient:
         self._background: set[asyncio.Task] = set()
         self.metrics = RayIngressMetrics(self._replica_texts, max_adapter_labels=max_adapter_labels)
 
-    # ---- text ----
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=True)
-
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    # ---- requests ----
+    # ---- requests (encode / decode: TokenizerText) ----
 
     def make_request(self, prompt_token_ids: list[int], params, adapter: str | None = None,
                      request_id: str | None = None, composition=None) -> Request:
