@@ -164,12 +164,12 @@ def kv_table(dtype_names: list[str], seq_lens: list[int], token_counts: list[int
 
 
 def like_the_server(fn, *args, threads: int | None = None):
-    """``fn(*args)`` in a thread of its own (with ``threads`` torch threads, else torch's default) after this
-    thread has run a torch op, as the server does: it loads the model in its main thread and runs the engine
-    in another. On this 2-core machine under load, the OpenMP team a process creates first ran torch ops up
-    to 60x slower than any later one (its threads spin-wait; OMP_WAIT_POLICY=passive removes it; KV writes
-    took multiples of 8-40 ms instead of 0.1 ms), so a benchmark run in that team measures something else."""
-    (torch.ones(512, 512) @ torch.ones(512, 512)).sum()
+    """``fn(*args)`` in a thread of its own (with ``threads`` torch threads, else torch's default), with no
+    torch op run in this thread before, as the server runs its engine: one OpenMP team in the process
+    (server.engine.threads). A second team, e.g. this thread's after one matmul here, throttles every team's
+    spin-wait: on this 2-core machine the engine ran 15% slower in such a process, and HF `generate` and
+    PEFT's mixed batch (91 vs 155-165 tok/s) slower still, which is what this harness measured before
+    2026-12-01 evening."""
 
     def run():
         if threads:

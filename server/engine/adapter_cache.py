@@ -17,6 +17,7 @@ from typing import Callable
 from adapters.composition import Composition, member_versions, names_of
 from adapters.kinds import Adapter
 from adapters.kinds.composite import compose
+from server.engine import threads as torch_threads
 from server.engine.request import AdmissionFailed
 
 
@@ -32,7 +33,8 @@ class AdapterCache:
         self._bytes = 0
         self._loading: dict[str, Future] = {}
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
+                                            initializer=torch_threads.inline_parallel_ops)
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -51,6 +53,10 @@ class AdapterCache:
         with self._lock:
             for key in [k for k in self._entries if name in names_of(k)]:
                 self._bytes -= self._entries.pop(key).nbytes
+
+    def run(self, fn: Callable, *args, **kwargs):
+        """fn(*args, **kwargs) on the loading thread (whose torch ops never get an OpenMP team), waited for."""
+        return self._executor.submit(fn, *args, **kwargs).result()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -86,8 +86,9 @@ class AdapterPool:
         return resolve(self.store, composition, max_rank=self.max_rank)
 
     def validate(self, path, name: str) -> None:
-        """Raise AdapterError unless the adapter at path can be served on this base."""
-        load_adapter(path, self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
+        """Raise AdapterError unless the adapter at path can be served on this base (loaded on the CPU tier's
+        loading thread, engine.threads)."""
+        self.cpu.run(load_adapter, path, self.base, max_rank=self.max_rank, name=name, dtype=self.dtype)
 
     def prefetch(self, key: str, name: str) -> None:
         self.cpu.prefetch(key, name)

@@ -34,6 +34,7 @@ from server.engine.request import QueueFull, Request, RequestError, RequestOutpu
 from server.engine.runner import ModelRunner, StepOutput
 from server.engine.sampling import RowSampling, make_generator
 from server.engine.scheduler import Scheduler, StepPlan
+from server.engine import threads as torch_threads
 from server.engine.streams import LoopMailbox, RequestStream
 from server.engine.structured import Grammars
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
@@ -66,8 +67,10 @@ class _Tracked:
 
 class Engine(TokenizerText):
     def __init__(self, loaded: LoadedModel, config: EngineConfig, device: torch.device | str = "cpu",
-                 store: AdapterStore | None = None):
+                 store: AdapterStore | None = None, threads: int | None = None):
+        """`threads`: torch's thread count in the engine thread (default: the constructing thread's)."""
         self.loaded = loaded
+        self.threads = threads or torch.get_num_threads()
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
@@ -185,6 +188,7 @@ class Engine(TokenizerText):
         self.adapters.close()
 
     def _run(self) -> None:
+        torch_threads.adopt(self.threads)
         while not self._stopping:
             if not self.scheduler.has_work() and self._inbox.empty():
                 self._wake.wait()
