@@ -34,6 +34,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers.generation.streamers import BaseStreamer
 
+from server.engine import threads as torch_threads
+
 log = logging.getLogger("peft_peer")
 
 BASE_ADAPTER = "__base__"
@@ -91,8 +93,9 @@ class _RowStreamer(BaseStreamer):
 class PeftBatcher:
     """The worker thread running static batches through PEFT's mixed-adapter ``generate``."""
 
-    def __init__(self, model, tokenizer, max_batch: int):
+    def __init__(self, model, tokenizer, max_batch: int, threads: int | None = None):
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
+        self.threads = threads or torch.get_num_threads()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else []
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
@@ -105,6 +108,7 @@ class PeftBatcher:
         self.waiting.put(job)
 
     def _loop(self) -> None:
+        torch_threads.adopt(self.threads)
         while True:
             jobs = [self.waiting.get()]
             while len(jobs) < self.max_batch:
@@ -263,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     adapters = json.loads(args.adapters.read_text()) if args.adapters else {}
-    model, tokenizer = load_peft_model(args.model, adapters, getattr(torch, args.dtype))
-    batcher = PeftBatcher(model, tokenizer, args.max_batch)
+    with torch_threads.serial() as threads:  # like our server: the batcher thread's OpenMP team is the only one
+        model, tokenizer = load_peft_model(args.model, adapters, getattr(torch, args.dtype))
+    batcher = PeftBatcher(model, tokenizer, args.max_batch, threads=threads)
     app = create_app(batcher, args.model.name, set(adapters))
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
