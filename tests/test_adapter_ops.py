@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from server.model import lora_ext
+from server.model import cpu_ext
 from server.model.adapter_ops import add_lora, lora_delta_reference, row_scale
 
 S, RMAX, I, O = 6, 8, 64, 48
@@ -23,8 +23,8 @@ def slots():
 def test_lora_delta_matches_row_by_row(slots, rows, t, use_kernel, monkeypatch):
     a, b = slots
     if not use_kernel:
-        monkeypatch.setattr(lora_ext, "kernel", lambda: None)
-    elif lora_ext.kernel() is None:
+        monkeypatch.setattr(cpu_ext, "kernel", lambda: None)
+    elif cpu_ext.kernel() is None:
         pytest.skip("no compiler for the CPU kernel here")
     x, y = torch.randn(len(rows), t, I), torch.randn(len(rows), t, O)
     slot_of_row = torch.tensor(rows)
@@ -44,7 +44,7 @@ def test_lora_delta_at_smaller_rank_is_exact_for_lower_rank_slots(slots):
 
 
 def test_kernel_handles_bfloat16(slots):
-    if lora_ext.kernel() is None:
+    if cpu_ext.kernel() is None:
         pytest.skip("no compiler for the CPU kernel here")
     a, b = (t.bfloat16() for t in slots)
     x, y = torch.randn(4, 1, I).bfloat16(), torch.randn(4, 1, O).bfloat16()
@@ -66,7 +66,7 @@ def test_row_scale():
 
 def test_kernel_reads_each_slot_only_to_its_own_rank(slots):
     """slot_rank bounds each row's rank (garbage past it is never read) and rank 0 skips the row."""
-    if lora_ext.kernel() is None:
+    if cpu_ext.kernel() is None:
         pytest.skip("no compiler for the CPU kernel here")
     a, b = (t.clone() for t in slots)
     a[2, 4:], b[2, 4:] = 1e6, 1e6          # past slot 2's rank 4

@@ -14,7 +14,7 @@ import torch
 from server.config import EngineConfig
 from server.engine import threads
 from server.engine.engine import Engine
-from server.model import lora_ext
+from server.model import cpu_ext
 from server.model.builtin import BUILTIN_MODEL_NAME, ensure_builtin_model
 from server.model.default_model import ensure_default_model
 from server.model.gguf import ensure_gguf_model
@@ -76,7 +76,7 @@ def build_engine(config: EngineConfig) -> Engine:
         loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
                             device=config.device, batch_hint=config.max_batch)
         if config.device == "cpu":
-            lora_ext.kernel()  # compile (or load the cached build) now, not inside the first mixed-adapter step
+            cpu_ext.kernel()  # compile (or load the cached build) now, not inside the first mixed-adapter step
         engine = Engine(loaded, config, device=config.device, threads=compute_threads)
     log.info("engine ready: device %s, max_batch %d, max_seq_len %d, KV cache %.1f MiB", config.device,
              config.max_batch, engine.max_seq_len, engine.runner.cache.nbytes / 2**20)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from server.model import lora_ext
+from server.model import cpu_ext
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_of_row: torch.Tensor,
@@ -40,7 +40,7 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: tor
     if x.is_cuda and _triton_ops():
         return _triton_ops().add_lora(y, x, lora_a, lora_b, slot_of_row, rank, slot_rank)
     if x.device.type == "cpu" and x.shape[1] == 1:
-        kernel = lora_ext.kernel()
+        kernel = cpu_ext.kernel()
         if kernel is not None:
             y = y.contiguous()
             if slot_rank is None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.model.attention import attend
 from server.model.kv_cache import KVCache
 
 
@@ -132,6 +133,7 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        self.sliding_window = args.sliding_window
         e, d = args.hidden_size, args.head_dim
         self.q_proj = nn.Linear(e, args.num_heads * d, bias=args.qkv_bias)
         self.k_proj = nn.Linear(e, args.num_kv_heads * d, bias=args.qkv_bias)
@@ -146,23 +148,19 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
-            out = torch.cat([self._attend(g, q[g.start:g.stop], k[g.start:g.stop], v[g.start:g.stop], step.cache)
+            out = torch.cat([self._attend(g, q[g.start:g.stop], k[g.start:g.stop], v[g.start:g.stop])
                              for g in step.groups])  # [N, H*D]
             return self.o_proj(out.view(b, t, -1))
-        keys, values = step.cache.write_and_read(self.layer_idx, step.rows, step.kv_index, k, v, step.kv_len)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+        return self.o_proj(attend(self.layer_idx, q, k, v, step, self.sliding_window))  # [B, T, E]
 
-    def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+    def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """One group of a flat forward: q [n, H, 1, D], k/v [n, Hkv, 1, D] with n = rows * t, row-major ->
         [n, H*D]."""
         rows, t = g.cache_pos.shape
         def grouped(x):  # [n, h, 1, D] -> [rows, h, t, D]
             return x[:, :, 0].reshape(rows, t, x.shape[1], self.head_dim).transpose(1, 2)
-        keys, values = cache.write_and_read(self.layer_idx, g.rows, g.kv_index, grouped(k), grouped(v), g.kv_len)
-        out = F.scaled_dot_product_attention(grouped(q), keys, values, attn_mask=g.attn_mask, enable_gqa=True)
-        return out.transpose(1, 2).reshape(rows * t, self.num_heads * self.head_dim)
+        out = attend(self.layer_idx, grouped(q), grouped(k), grouped(v), g, self.sliding_window)  # [rows, t, H*D]
+        return out.reshape(rows * t, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -206,7 +204,8 @@ class StepInputs:
     rope_pos:  [B, T] rope position of each new token
     cache_pos: [B, T] cache slot each new token's K/V is written to
     kv_len:    L, the cache length every row attends over (max over rows)
-    attn_mask: [B, 1, T, L] bool, True where a query may attend
+    attn_mask: [B, 1, T, L] bool, True where a query may attend: key j for the query at cache position p
+               iff j <= p (and j > p - sliding_window); decode on CPU derives it from cache_pos (attention.py)
     kv_index:  [B*Hkv*T] flat cache index of each new K/V vector, the same in every layer
     """
 

@@ -65,5 +65,3 @@ void add_lora_rows_(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torc
                         out, max_rank, rank);
   });
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("add_lora_rows_", &add_lora_rows_); }

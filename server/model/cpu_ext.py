@@ -1,6 +1,9 @@
-"""The CPU LoRA kernel (csrc/lora_cpu.cpp), compiled with torch's extension tools on first use.
+"""The CPU kernels (csrc/*.cpp), compiled into one module with torch's extension tools on first use.
 
-`make install` builds it ahead of time (`python -m server.model.lora_ext`); the
+- `add_lora_rows_` (lora_cpu.cpp): mixed-adapter LoRA decode, each row reading its own slot's factors;
+- `decode_attention_` (decode_attention_cpu.cpp): decode attention fused with the KV-cache write.
+
+`make install` builds it ahead of time (`python -m server.model.cpu_ext`); the
 build is cached under torch's extensions directory. Where no compiler is at hand,
 or ADAPTER_SERVER_NO_EXT=1, `kernel()` returns None and callers use plain torch.
 
@@ -20,13 +23,14 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 
 
 def kernel():
-    """The compiled module (with `add_lora_rows_`), or None if it cannot be built here."""
+    """The compiled module (`add_lora_rows_`, `decode_attention_`), or None if it cannot be built here."""
     if "module" in _state:
         return _state["module"]
     with _lock:
@@ -52,14 +56,14 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(f"adapter_server_lora_cpu_{isa_tag()}", [str(_SOURCE)],
+        return load(f"adapter_server_cpu_{isa_tag()}", [str(p) for p in _SOURCES],
                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                     verbose=False)
     except Exception as exc:  # no compiler, no ninja, ...: the torch path still serves every request
-        log.warning("CPU LoRA kernel unavailable (%s); using the plain torch path", exc)
+        log.warning("CPU kernels unavailable (%s); using the plain torch paths", exc)
         return None
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    log.info("CPU LoRA kernel %s", "built" if kernel() is not None else "NOT available")
+    log.info("CPU kernels %s", "built" if kernel() is not None else "NOT available")
