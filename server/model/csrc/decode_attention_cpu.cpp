@@ -5,15 +5,23 @@
 // the query heads that share it (GQA), so the cache is streamed exactly once per step.
 //
 // Why (measured on a 2-core Xeon, fp32, B=32, H=Hkv=12, D=64, S=1024, L<=80, cold cache):
-// index_copy_ of K and V plus SDPA with a bool mask took 1.5 ms per layer; this takes 0.74 ms.
-// The 384 scattered 256-byte writes and SDPA's per-head blocking over a masked [B, L] both
-// miss in the TLB; here each task touches its own head's rows once, in order.
+// index_copy_ of K and V plus SDPA with a bool mask took 1.5 ms per layer; this takes 0.74 ms,
+// and 0.68 ms with the software prefetch below (0.80 / 0.70 / 0.68 / 0.74 ms at 0 / 4 / 8 / 16
+// rows ahead): a head's rows span pages, and the hardware prefetcher stops at a page's end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+constexpr int64_t kAhead = 8;  // rows prefetched ahead of the one being read
+
+template <typename scalar_t>
+static inline void prefetch_row(const scalar_t* row, int64_t dim) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < dim * static_cast<int64_t>(sizeof(scalar_t)); off += 64) __builtin_prefetch(p + off);
+}
 
 template <typename scalar_t>
 static void decode_rows(const scalar_t* q, const scalar_t* k_new, const scalar_t* v_new, scalar_t* k_cache,
@@ -35,6 +43,8 @@ static void decode_rows(const scalar_t* q, const scalar_t* k_new, const scalar_t
       scores.resize(group * len);
       for (int64_t j = 0; j < len; ++j) {  // scores[g, j] = q_g . k_(lo+j)
         const scalar_t* kj = kr + (lo + j) * dim;
+        prefetch_row(kj + kAhead * dim, dim);  // may run past the row's length: a prefetch never faults
+        if (j < kAhead) prefetch_row(vr + (lo + j) * dim, dim);  // V's first rows, for the pass after this one
         for (int64_t g = 0; g < group; ++g) {
           const float* qg = qf.data() + g * dim;
           float s = 0.f;
@@ -53,6 +63,7 @@ static void decode_rows(const scalar_t* q, const scalar_t* k_new, const scalar_t
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < len; ++j) {  // acc[g] = sum_j w[g, j] v_(lo+j)
         const scalar_t* vj = vr + (lo + j) * dim;
+        prefetch_row(vj + kAhead * dim, dim);
         for (int64_t g = 0; g < group; ++g) {
           const float w = scores[g * len + j];
           float* ag = acc.data() + g * dim;
