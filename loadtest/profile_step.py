@@ -4,8 +4,9 @@ On the ~134M Llama of bench_engine (hidden 768, 12 layers, vocab 32000), in the
 dtype the server resolves for this machine, 32 requests of a 16-token prompt and
 `--new-tokens` tokens each, with `--kind` adapters (base: none; lora/ia3/prefix: 32
 distinct ones). Every profiled op is put in one bucket by name (GEMMs, attention,
-KV writes, adapter ops, sampling, norms/rope/elementwise, other); the detokenizer and
-the engine's Python (scheduler, postprocess) are timed around their functions. HTTP
+KV writes, adapter ops, sampling, norms/rope/elementwise, other); the detokenizer, the
+engine's Python (scheduler, postprocess) and the compiled CPU kernels (decode attention with
+its KV write, mixed-adapter LoRA) are timed around their functions. HTTP
 and the event loop are not in this process: `make bench-served` gives their share as
 1 - served / engine-only.
 
@@ -31,6 +32,7 @@ from server.engine import detokenizer, scheduler as scheduler_module
 from server.engine.engine import Engine
 from server.engine.factory import resolve
 from server.engine.request import SamplingParams
+from server.model import cpu_ext
 from server.model.loader import load_model, parse_dtype
 
 BATCH = 32
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         watch.wrap(detokenizer.IncrementalDetokenizer, "add", "detokenizer")
         watch.wrap(scheduler_module.Scheduler, "schedule", "scheduler (pure Python)")
         watch.wrap(engine, "_postprocess", "postprocess (append, finish, merge policy; incl. detokenizer)")
+        kernels = cpu_ext.kernel()
+        if kernels is not None:  # compiled code, not torch ops: the profiler does not see them
+            watch.wrap(kernels, "decode_attention_", "decode attention + KV write (CPU kernel)")
+            watch.wrap(kernels, "add_lora_rows_", "LoRA rows (CPU kernel)")
         start = time.perf_counter()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             engine.generate(batch())
