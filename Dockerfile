@@ -8,12 +8,12 @@
 #   docker run -p 8000:8000 -v adapter-data:/data -v /models/llama:/model:ro adapter-server --model /model
 #
 # /data holds the adapter store, the converted default model (540 MB, made at first start) and the
-# compiled CPU LoRA kernel.
+# compiled CPU kernels (LoRA, decode attention).
 FROM python:3.11-slim
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
-# g++ builds the CPU LoRA kernel on the host that runs it (-march=native), at first start.
+# g++ builds the CPU kernels on the host that runs it (-march=native), at first start.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app
