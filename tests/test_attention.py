@@ -1,4 +1,4 @@
-"""attention.attend: the fused CPU decode kernel against the cache write + SDPA path, and its guards."""
+"""attention.attend: the fused CPU decode kernel against rope + the cache write + SDPA in torch, and its guards."""
 from types import SimpleNamespace
 
 import pytest
@@ -39,18 +39,22 @@ def test_kernel_equals_write_then_sdpa(dtype, heads, kv_heads, first_row, positi
     b = len(positions)
     q, k, v = torch.randn(b, heads, 1, D, dtype=dtype), torch.randn(b, kv_heads, 1, D, dtype=dtype), \
         torch.randn(b, kv_heads, 1, D, dtype=dtype)
+    angles = torch.tensor(positions, dtype=torch.float32)[:, None] * torch.rand(D // 2)  # a row's rope angles
+    angles = torch.cat((angles, angles), dim=-1)[:, None, None, :]  # [B, 1, 1, D]
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     fused, plain = (KVCache(LAYERS, ROWS, kv_heads, S, D, dtype) for _ in range(2))
     for cache in (fused, plain):  # the same history in both caches
         gen = torch.Generator().manual_seed(1)
         cache.k.copy_(torch.randn(cache.k.shape, generator=gen))
         cache.v.copy_(torch.randn(cache.v.shape, generator=gen))
-    got = attend(1, q, k, v, step_for(fused, first_row, positions, window), window)
+    got = attend(1, q, k, v, cos, sin, step_for(fused, first_row, positions, window), window)
     monkeypatch.setattr(cpu_ext, "kernel", lambda: None)
-    expected = attend(1, q, k, v, step_for(plain, first_row, positions, window), window)
+    expected = attend(1, q, k, v, cos, sin, step_for(plain, first_row, positions, window), window)
     assert got.shape == expected.shape == (b, 1, heads * D) and got.dtype == dtype
     tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got, expected, **tol)
-    assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)  # the new K/V written, nothing else
+    torch.testing.assert_close(fused.k, plain.k, **tol)  # the rotated new K written, nothing else
+    assert torch.equal(fused.v, plain.v)
 
 
 def test_kernel_rejects_a_position_outside_the_cache():
@@ -58,9 +62,13 @@ def test_kernel_rejects_a_position_outside_the_cache():
     if kernel is None:
         pytest.skip("no compiler for the CPU kernels here")
     cache = KVCache(1, 2, 2, 8, D, torch.float32)
-    q, k = torch.randn(1, 2, D), torch.randn(1, 2, D)
+    q, k, cos = torch.randn(1, 2, D), torch.randn(1, 2, D), torch.ones(1, D)
     with pytest.raises(RuntimeError, match="outside the cache"):
-        kernel.decode_attention_(q, k, k, cache.k[0], cache.v[0], torch.tensor([8]), 0, 0)
+        kernel.decode_attention_(q, k, k, cos, cos, cache.k[0], cache.v[0], torch.tensor([8]), 0, 0)
     with pytest.raises(RuntimeError, match="shape mismatch"):  # rows past the cache
-        kernel.decode_attention_(q, k, k, cache.k[0], cache.v[0], torch.tensor([1]), 2, 0)
+        kernel.decode_attention_(q, k, k, cos, cos, cache.k[0], cache.v[0], torch.tensor([1]), 2, 0)
+    with pytest.raises(RuntimeError, match="shape mismatch"):  # cos of the wrong width
+        kernel.decode_attention_(q, k, k, cos[:, :4], cos[:, :4], cache.k[0], cache.v[0], torch.tensor([1]), 0, 0)
+    with pytest.raises(RuntimeError, match="dtype mismatch"):
+        kernel.decode_attention_(q, k, k, cos.double(), cos, cache.k[0], cache.v[0], torch.tensor([1]), 0, 0)
     assert not cache.k.any() and not cache.v.any()  # nothing half-written

@@ -123,11 +123,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
@@ -145,21 +140,21 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
-            out = torch.cat([self._attend(g, q[g.start:g.stop], k[g.start:g.stop], v[g.start:g.stop])
+            out = torch.cat([self._attend(g, *(x[g.start:g.stop] for x in (q, k, v, cos, sin)))
                              for g in step.groups])  # [N, H*D]
             return self.o_proj(out.view(b, t, -1))
-        return self.o_proj(attend(self.layer_idx, q, k, v, step, self.sliding_window))  # [B, T, E]
+        return self.o_proj(attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window))  # [B, T, E]
 
-    def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """One group of a flat forward: q [n, H, 1, D], k/v [n, Hkv, 1, D] with n = rows * t, row-major ->
-        [n, H*D]."""
+    def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """One group of a flat forward: q [n, H, 1, D], k/v [n, Hkv, 1, D], cos/sin [n, 1, 1, D] with
+        n = rows * t, row-major -> [n, H*D]."""
         rows, t = g.cache_pos.shape
         def grouped(x):  # [n, h, 1, D] -> [rows, h, t, D]
             return x[:, :, 0].reshape(rows, t, x.shape[1], self.head_dim).transpose(1, 2)
-        out = attend(self.layer_idx, grouped(q), grouped(k), grouped(v), g, self.sliding_window)  # [rows, t, H*D]
+        out = attend(self.layer_idx, grouped(q), grouped(k), grouped(v), grouped(cos), grouped(sin), g,
+                     self.sliding_window)  # [rows, t, H*D]
         return out.reshape(rows * t, self.num_heads * self.head_dim)
 
 
