@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import replace
 
-from server import process_env
 from server.config import EngineConfig, ServerConfig
 
 log = logging.getLogger("adapter_server")
@@ -170,7 +169,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
 
 
 def main(argv: list[str] | None = None) -> None:
-    process_env.apply()  # before anything imports torch
     engine_config, server_config = parse_args(argv)
     logging.basicConfig(level=server_config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
