@@ -11,6 +11,7 @@ import torch
 
 from adapters.dataset import IGNORE_INDEX, Example, batches, collate
 from adapters.format import BaseSpec
+from server.model.quant import keep_4bit_trainable
 from adapters.train_config import (BUILTIN_BASES, DEFAULT_TARGETS, KINDS, LORA_KINDS, QUANTIZATIONS, VIRTUAL_TOKEN_KINDS,
                                    TrainConfig, TrainError, log, plan_steps)
 
@@ -138,6 +139,7 @@ def build_model(config: TrainConfig, base_model, spec: BaseSpec, base_name: str)
     if config.quantization == "nf4":
         # Casts the remaining fp16/bf16 parameters to fp32; no gradient checkpointing (only slower here).
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
+        keep_4bit_trainable(base_model)  # eval passes must not repack the weights into bnb's inference-only layout
     torch.manual_seed(config.seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -239,6 +241,7 @@ def fit(model, train: Sequence[Example], config: TrainConfig, pad_id: int) -> li
 
     total, per_epoch = plan_steps(len(train), config.batch_size, epochs=config.epochs, steps=config.steps,
                                   min_steps=config.min_steps)
+    keep_4bit_trainable(model)  # whatever ran before (an eval pass, a merge, a served forward)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate(), weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -70,13 +70,80 @@ def generate(engine: Engine, requests: list[Request]) -> list[list[int]]:
     return [r.output_token_ids for r in prepared]
 
 
+def _peft_reads_repacked_4bit_weights() -> None:
+    """Make PEFT's dense read of a bitsandbytes 4-bit weight (DoRA's column norms, merges) valid after bnb's
+    AVX512-BF16 CPU repack.
+
+    PEFT 0.21 reads it with `bnb.functional.dequantize_4bit(weight.data, quant_state)`. On Intel AMX and AMD Zen
+    4, bitsandbytes 0.50 repacks the weight at the layer's first eval forward, which runs before DoRA's norm, and
+    that call then returns garbage (measured on Zen 4: DoRA-over-NF4 logits 7.2 and 8.7 off). The oracle stays
+    PEFT's DoRA over bnb's NF4 kernel; only its read of the weight goes through the repack's inverse
+    (server.model.quant.dequantized_weight, checked against bnb's own forward in test_quant_dequantize).
+    On CPUs that never repack this changes nothing."""
+    import peft.utils.integrations as integrations
+
+    if getattr(integrations, "_reads_repacked", False):
+        return
+    original = integrations.dequantize_bnb_weight
+
+    def dequantize_bnb_weight(weight, state=None):
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from server.model.quant import dequantized_weight
+
+            return dequantized_weight(type("Layer", (), {"weight": weight})(), weight.quant_state.original_dtype)
+        return original(weight, state)
+
+    integrations.dequantize_bnb_weight = dequantize_bnb_weight
+    integrations._reads_repacked = True
+
+
 def peft_reference(base, path, quantized: bool = False, dtype=torch.float32):
     kwargs = dict(dtype=dtype)
     if quantized:
+        _peft_reads_repacked_4bit_weights()
         kwargs.update(quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                              bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     return PeftModel.from_pretrained(model, path).eval()
+
+
+def nf4_truth(reference, base, path) -> torch.Tensor:
+    """Last-prompt-token logits [V] of the exact function that PEFT-over-NF4 `reference` approximates, in fp64:
+    the base with every 4-bit linear replaced by the matrix bitsandbytes multiplies by (server.model.quant.
+    dequantized_weight, which includes the CPU repack's bf16 rounding of absmax), the adapter loaded by PEFT."""
+    import bitsandbytes as bnb
+
+    from server.model.quant import dequantized_weight
+
+    quantized = {name.replace(".base_layer", ""): module for name, module in reference.base_model.model.named_modules()
+                 if isinstance(module, bnb.nn.Linear4bit)}
+    dense = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float64)
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            if name in quantized:
+                module.weight.copy_(dequantized_weight(quantized[name], torch.float64))
+    truth = PeftModel.from_pretrained(dense, path).double().eval()
+    with torch.no_grad():
+        return truth(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+
+
+def assert_matches_peft_over_nf4(ours: torch.Tensor, reference, base, path, msg: str | None = None) -> None:
+    """Our NF4 logits against PEFT's over bitsandbytes, held to the exact function (`nf4_truth`), not to one CPU.
+
+    On CPUs with AVX512-BF16 (Intel AMX, AMD Zen 4) bitsandbytes' 4-bit kernel rounds each linear's input to bf16:
+    measured on Zen 4, an input that moves by 5e-7 (attention summed in another order) moves that linear's
+    output by 0.0156 (2^-6), and a DoRA over NF4 ended 0.079 from PEFT though every DoRA scale and weight was
+    identical. There neither side can agree with the other to 1e-4, and both are about the same distance from the
+    exact function. Bound: ours is no further from the fp64 truth than 3x PEFT's own distance, plus 1e-4. On CPUs
+    that never repack (Intel without BF16, AMD AVX2) PEFT is within ~1e-6 of the truth, so this is the former
+    1e-4 bound against PEFT there."""
+    with torch.no_grad():
+        expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
+    truth = nf4_truth(reference, base, path)
+    ours_error = (ours.double() - truth).abs().max().item()
+    peft_error = (expected.double() - truth).abs().max().item()
+    assert ours_error <= 3 * peft_error + 1e-4, (f"{msg or ''}: ours is {ours_error:.3g} from the fp64 truth, "
+                                                 f"PEFT over bitsandbytes {peft_error:.3g}")
 
 
 def peft_greedy(model, n=NEW_TOKENS) -> list[int]:
@@ -123,9 +190,7 @@ def test_nf4_base_matches_peft_over_bitsandbytes(setup):
     assert generate(engine, [greedy_request(n) for n in names]) == solo
     for name in ("lora", "ia3", "prefix"):
         reference = peft_reference(base, paths[name], quantized=True)
-        with torch.no_grad():
-            expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
-        torch.testing.assert_close(prefill_logits(engine, name), expected, atol=1e-4, rtol=0)
+        assert_matches_peft_over_nf4(prefill_logits(engine, name), reference, base, paths[name], name)
         assert generate(engine, [greedy_request(name)])[0] == peft_greedy(reference)
 
 

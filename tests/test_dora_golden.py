@@ -10,7 +10,7 @@ from adapters.format import BaseSpec, DoraAdapter, load_adapter
 from adapters.store import AdapterStore
 from server.model.loader import load_model
 from tests.peft_adapters import make_dora, make_ia3, make_lora, make_prefix
-from tests.test_adapters_golden import (PROMPT, engine_for, generate, greedy_request, peft_greedy, peft_reference,
+from tests.test_adapters_golden import (PROMPT, assert_matches_peft_over_nf4, engine_for, generate, greedy_request, peft_greedy, peft_reference,
                                         prefill_logits)
 
 
@@ -91,9 +91,7 @@ def test_dora_over_nf4_matches_peft_over_bitsandbytes(setup):
     assert generate(engine, [greedy_request(n) for n in names]) == solo
     for name in ("dora", "dora-rslora"):
         reference = peft_reference(base, paths[name], quantized=True)
-        with torch.no_grad():
-            expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
-        torch.testing.assert_close(prefill_logits(engine, name), expected, atol=1e-4, rtol=0)
+        assert_matches_peft_over_nf4(prefill_logits(engine, name), reference, base, paths[name], name)
         assert generate(engine, [greedy_request(name)])[0] == peft_greedy(reference)
 
 

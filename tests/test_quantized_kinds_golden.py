@@ -8,7 +8,8 @@ import torch
 from adapters.store import AdapterStore
 from server.model.loader import load_model
 from tests.peft_adapters import make_dora, make_lora, make_prompt
-from tests.test_adapters_golden import (PROMPT, engine_for, generate, greedy_request, peft_greedy, peft_reference,
+from tests.test_adapters_golden import (PROMPT, assert_matches_peft_over_nf4, engine_for, generate, greedy_request,
+                                        peft_greedy, peft_reference,
                                         prefill_logits)
 
 KINDS = ["lora-bias", "lora-all", "dora-bias-all", "prompt", "ptuning"]
@@ -43,9 +44,7 @@ def test_new_kinds_over_nf4_match_peft_over_bitsandbytes(setup):
     assert len({tuple(t) for t in solo}) > 3
     for name in KINDS:
         reference = peft_reference(base, paths[name], quantized=True)
-        with torch.no_grad():
-            expected = reference(input_ids=torch.tensor([PROMPT])).logits[0, -1]
-        torch.testing.assert_close(prefill_logits(engine, name), expected, atol=1e-4, rtol=0, msg=name)
+        assert_matches_peft_over_nf4(prefill_logits(engine, name), reference, base, paths[name], name)
         assert generate(engine, [greedy_request(name)])[0] == peft_greedy(reference), name
 
 

@@ -507,3 +507,63 @@ def test_served_chat_with_an_adapter_trained_on_chat_rows(live_server, cache, tm
         assert response.status_code == 200, response.text
         choice = response.json()["choices"][0]
         assert (choice["message"]["content"], choice["finish_reason"]) == (answer, "stop"), prompt
+
+
+def _force_cpu_repack(model) -> int:
+    """What bitsandbytes 0.50 does by itself at a 4-bit layer's first eval-mode forward on an AVX512-BF16 CPU
+    (Intel AMX, AMD Zen 4), forced here on any CPU: the weight moves into the layout of its inference-only
+    kernel and the layer is marked to repack again (`support_avx512bf16_for_cpu`)."""
+    import bitsandbytes.functional as bnbf
+
+    convert = getattr(bnbf, "_convert_weight_packed_for_cpu", None)
+    if convert is None:
+        pytest.skip("this bitsandbytes has no CPU repack")
+    import bitsandbytes as bnb
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight.data, module.weight.quant_state = convert(module.weight.data, module.weight.quant_state)
+            module.support_avx512bf16_for_cpu = True
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_qlora_learns_after_the_weights_were_repacked(kind, cache, task_file, tmp_path):
+    """Whatever ran before (here: bnb's CPU repack, forced, as an eval pass or a served forward leaves it on
+    AVX512-BF16 CPUs), training over an NF4 base sends a nonzero gradient to every trainable tensor and the
+    held-out loss falls. Before the fix, on Zen 4: loss 26.391 -> 26.391 and every lora_B stayed zero."""
+    from adapters.train_model import build_model, evaluate, fit, load_base_model, load_tokenizer, resolve_base
+    from adapters.dataset import load_examples
+    from server.model.quant import dequantized_weight
+
+    cfg = config(kind, task_file, tmp_path / kind, cache, quantization="nf4", steps=12)
+    base = resolve_base(cfg)
+    tokenizer, hf_config = load_tokenizer(base)
+    examples = load_examples(task_file, tokenizer, stop_ids=[])
+    model = build_model(cfg, load_base_model(base, hf_config, "nf4", torch.device("cpu")),
+                        BaseSpec.from_hf_config(hf_config, base.name), base.name)
+    import bitsandbytes as bnb
+
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = {id(m): dequantized_weight(m, torch.float32) for m in quantized}
+    assert _force_cpu_repack(model) == len(quantized) > 0
+    pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    start = evaluate(model, examples, 4, pad)  # an eval pass: on this layout only bnb's inference kernel runs
+
+    losses = fit(model, examples, cfg, pad)  # must undo the repack before its first train-mode forward
+    for m in quantized:
+        assert not m.weight.quant_state.packing_format_for_cpu and not m.support_avx512bf16_for_cpu
+        # the same weight as before, up to the repack's bf16 rounding of absmax
+        torch.testing.assert_close(dequantized_weight(m, torch.float32), before[id(m)], atol=2e-2, rtol=2**-8)
+    model.train()
+    loss, count = token_loss_sums(model, collate(examples, pad))
+    (loss / count).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable
+    silent = [n for n, p in trainable if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent, f"no gradient reached {silent[:4]}"
+    end = evaluate(model, examples, 4, pad)
+    print(f"\n{kind} nf4 after a forced repack: loss {losses[0]:.3f} -> {losses[-1]:.3f}, eval {start:.3f} -> {end:.3f}")
+    assert end < 0.5 * start

@@ -90,11 +90,7 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if state is not None:  # 4-bit
         import bitsandbytes.functional as bnbf
 
-        data = weight.data
-        if getattr(state, "packing_format_for_cpu", False):
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
-            if not state.nested and state.absmax.dim() == 2:  # bnb's inverse leaves it [K/64, N] bf16
-                state.absmax = state.absmax.t().reshape(-1).float()
+        data, state = _unpacked_4bit(weight.data, state, copy.copy(state))
         return bnbf.dequantize_4bit(data, state).to(dtype)
     scales = getattr(weight, "SCB", None)
     if scales is None and getattr(module, "state", None) is not None and weight.dtype == torch.int8:
@@ -102,6 +98,46 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if scales is not None:  # int8 rows with per-row absmax
         return (weight.data.float() * scales.float()[:, None] / 127.0).to(dtype)
     return weight.detach().to(dtype)
+
+
+def _unpacked_4bit(data: torch.Tensor, state, scratch):
+    """(data, state) of a 4-bit weight in bitsandbytes' portable layout: `data`/`state` as they are when not
+    repacked for the AVX512-BF16 CPU kernel; otherwise undone with bnb's own inverse into `scratch` (a copy of
+    `state`, or `state` itself to undo it in place), with absmax put back in its [N*K/64] fp32 order (bnb's
+    inverse leaves it [K/64, N] bf16; the bf16 rounding of the repack stays)."""
+    if not getattr(state, "packing_format_for_cpu", False):
+        return data, state
+    import bitsandbytes.functional as bnbf
+
+    data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, scratch)
+    if not state.nested and state.absmax.dim() == 2:
+        state.absmax = state.absmax.t().reshape(-1).float()
+    return data, state
+
+
+def keep_4bit_trainable(model: nn.Module) -> int:
+    """Put every bitsandbytes 4-bit linear under `model` back in its portable layout and stop it from repacking
+    again; returns how many were undone.
+
+    On AVX512-BF16 CPUs (Intel AMX, AMD Zen 4) bitsandbytes 0.50 repacks a 4-bit weight at its first eval-mode
+    forward, and every later forward of that layer, train mode included, goes through `bitsandbytes::gemv_4bit`,
+    which has no autograd kernel: the layer's input gets no gradient, so nothing below it learns (measured on
+    Zen 4: QLoRA loss 26.391 -> 26.391, every lora_B zero). A trainer calls this before it trains, whatever ran
+    before (an eval pass, a merge, a served forward). Eval passes then use the portable path too (slower, and
+    the same numbers as training's forward). bnb's own `_save_to_state_dict` undoes the repack the same way.
+    """
+    import bitsandbytes as bnb
+
+    undone = 0
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False  # Linear4bit.forward repacks only while this is true
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _unpacked_4bit(weight.data, weight.quant_state, weight.quant_state)
+            undone += 1
+    return undone
 
 
 def weight_bytes(model: nn.Module) -> int:
