@@ -6,10 +6,14 @@
   generate, which transformers 5.23 runs correctly for prefix adapters, see DESIGN).
   The 1e-4 holds for our forward with aten linears (``pack=False``), the kernels transformers uses.
   The served CPU fp32 path holds its linears pre-packed for oneDNN (server.model.packed_linear),
-  which sums in another order: measured on these prompts, its logits are 3e-5..1e-4 from an fp64
-  reference where transformers' own fp32 logits are 1.5e-5..6e-5 from it, so the two fp32 results
-  differ by up to 1.3e-4. That path gets 2.5e-4 against transformers, and its greedy tokens (which
-  the streaming test serves) must still be identical.
+  which sums in another order, chosen per CPU kind by oneDNN. So it is held to the fp64 logits (the
+  reference model run in float64), not to transformers' fp32 rounding on one CPU: no further from them
+  than 3x transformers' own fp32 distance, plus 1e-4. Measured: Intel model 207, served 3e-5..1e-4
+  where transformers is 1.5e-5..6e-5; AMD Zen 4 (2026-12-02), served 3.7e-5..2.9e-4 where transformers
+  is 3.1e-5..3.5e-4 (worst ratio 2.6, the prefix on the chat prompt). There the prefix's plain prompt
+  put the two fp32 results on opposite sides of the truth, 6.1e-4 apart, which failed the former
+  2.5e-4 bound against transformers. The greedy tokens (which the streaming test serves) must still be
+  identical.
 * The chat template the server renders equals ``tokenizer.apply_chat_template``.
 * Through the real app over HTTP (SSE): streamed text concatenates to exactly the non-streamed
   text, for CJK and emoji output (byte-level tokens that split characters) and a stop string that
@@ -44,6 +48,7 @@ from server.model.loader import load_model
 from tests.server_harness import LiveServer
 
 NEW = 32
+SERVED_FACTOR = 3  # the served (oneDNN-packed) fp32 path against fp64, in units of transformers' own fp32 distance
 ADAPTERS = ("lora", "ia3", "prefix")
 CHAT = {"golden_chat": [{"role": "user", "content": "Write a short poem about the sea."}],
         "chat_cjk": [{"role": "user", "content": "Say 'こんにちは世界' five times, then add 🎉🎉."}]}
@@ -169,7 +174,13 @@ def test_logits_and_greedy_match_transformers_and_peft(setup, direct, base, mode
             out = ref.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                max_new_tokens=NEW, do_sample=False, pad_token_id=2)
         torch.testing.assert_close(ours_logits[0], expected, atol=1e-4, rtol=0)
-        torch.testing.assert_close(ours_logits[1], expected, atol=2.5e-4, rtol=0)
+        with torch.no_grad():
+            truth = ref.double()(input_ids=torch.tensor([ids])).logits[0, -1]
+            ref.float()
+        hf_error = (expected.double() - truth).abs().max().item()
+        served_error = (ours_logits[1].double() - truth).abs().max().item()
+        assert served_error <= SERVED_FACTOR * hf_error + 1e-4, (
+            f"the served fp32 path is {served_error:.3g} from the fp64 logits, transformers' fp32 {hf_error:.3g}")
         assert ours_tokens == out[0, len(ids):].tolist(), name
         assert len(ours_tokens) == NEW
         if model is not None:
