@@ -11,14 +11,23 @@ The build uses -march=native, so it is named after the CPU's instruction-set fla
 a cache directory that moves between CPU kinds (a Docker volume, a shared home; Intel
 AVX512 vs AMD AVX2) gets one build per kind instead of loading code the CPU cannot
 run (SIGILL kills the process; it is not an exception).
+
+Builds are serialised by an `flock` on `<build dir>.lock`, which the kernel drops when its
+holder dies. torch's own lock (a `lock` file in the build directory, `FileBaton`) is not:
+a process killed while it built left it behind, and every later server and test then waited
+on it forever without a word. Every builder here takes the flock first, so a `lock` file found
+while holding it is such a leftover and is removed. A builder that cannot get the flock within
+ADAPTER_SERVER_EXT_WAIT seconds (default 600) logs the lock's path and serves with the torch paths.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
 import platform
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -54,14 +63,49 @@ def _build():
     if os.environ.get("ADAPTER_SERVER_NO_EXT") == "1":
         return None
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        return load(f"adapter_server_cpu_{isa_tag()}", [str(p) for p in _SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    verbose=False)
-    except Exception as exc:  # no compiler, no ninja, ...: the torch path still serves every request
+        name = f"adapter_server_cpu_{isa_tag()}"
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        with _build_lock(build_dir, float(os.environ.get("ADAPTER_SERVER_EXT_WAIT", "600"))):
+            return load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                        build_directory=str(build_dir), verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a lock held too long: the torch path serves every request
         log.warning("CPU kernels unavailable (%s); using the plain torch paths", exc)
         return None
+
+
+class _build_lock:
+    """Hold an exclusive flock on `<build_dir>.lock` (released by the kernel if this process dies) and clear a
+    `lock` file that a killed torch build left in `build_dir`; TimeoutError after `wait` seconds."""
+
+    def __init__(self, build_dir: Path, wait: float):
+        self.build_dir, self.wait = build_dir, wait
+        self.path = build_dir.with_name(build_dir.name + ".lock")
+
+    def __enter__(self):
+        self.build_dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise TimeoutError(f"another process has been building the CPU kernels for over {self.wait:.0f} s "
+                                       f"(it holds {self.path}; ADAPTER_SERVER_EXT_WAIT sets the wait)") from None
+                time.sleep(0.2)
+        stale = self.build_dir / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a CPU-kernel build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 if __name__ == "__main__":
