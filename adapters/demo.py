@@ -97,7 +97,7 @@ def chat(client: httpx.Client, model: str, question: str, max_tokens: int) -> st
     return response.json()["choices"][0]["message"]["content"]
 
 
-def train_all(work: Path, threads: int, kinds=tuple(KINDS)) -> dict:
+def train_all(work: Path, threads: int, kinds=tuple(KINDS), quantization: str = "none") -> dict:
     """demo name -> TrainResult, each trained with the trainer's defaults (as `adapterctl train` would)."""
     from adapters.train import TrainConfig, train_adapter
 
@@ -106,10 +106,13 @@ def train_all(work: Path, threads: int, kinds=tuple(KINDS)) -> dict:
         options = dict(KINDS[name])
         kind = options.pop("kind", name)
         flags = "".join(f" --{k.replace('_', '-')}" for k, v in options.items() if v is True)
+        if quantization != "none":
+            flags += f" --quantization {quantization}"
         print(f"$ adapterctl train --kind {kind}{flags} --data {TRAIN.name} --eval-data {HELDOUT.name} --out {name} "
               f"--threads {threads}", flush=True)
         result = train_adapter(TrainConfig(kind=kind, data=TRAIN, eval_data=HELDOUT, out=work / name,
-                                           threads=threads, progress=False, device="cpu", **options))
+                                           threads=threads, progress=False, device="cpu", quantization=quantization,
+                                           **options))
         print(f"  {result.steps} steps ({result.epochs:.0f} epochs of {result.num_train} rows) in "
               f"{result.seconds:.0f} s; train loss {result.train_loss_start:.2f} -> {result.train_loss_end:.2f}, "
               f"held-out loss {result.eval_loss_start:.2f} -> {result.eval_loss_end:.2f}", flush=True)
@@ -117,14 +120,15 @@ def train_all(work: Path, threads: int, kinds=tuple(KINDS)) -> dict:
     return results
 
 
-def run(work: Path, threads: int, max_tokens: int, server: str | None, kinds=tuple(KINDS)) -> int:
+def run(work: Path, threads: int, max_tokens: int, server: str | None, kinds=tuple(KINDS),
+        quantization: str = "none") -> int:
     from adapters.train import upload_adapter
     from server.model.default_model import ensure_default_model
 
     started = time.perf_counter()
     ensure_default_model()  # converted once, before the server and the trainer both want it
     with (local_server(work) if server is None else _running(server)) as ready:
-        results = train_all(work, threads, kinds)
+        results = train_all(work, threads, kinds, quantization)
         trained = time.perf_counter()
         url = ready()
         base = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -166,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per answer (default 16)")
     parser.add_argument("--kinds", type=lambda text: tuple(k.strip() for k in text.split(",") if k.strip()),
                         default=tuple(KINDS), help=f"comma-separated, among {','.join(KINDS)} (default: all)")
+    parser.add_argument("--quantization", choices=("none", "nf4"), default="none",
+                        help="train over the base as is (none) or QLoRA-style over a bitsandbytes NF4 copy (nf4); "
+                             "the server serves the adapter over its own base either way")
     args = parser.parse_args(argv)
     unknown = [k for k in args.kinds if k not in KINDS]
     if unknown or not args.kinds:
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="adapter-demo-") as tmp:
-        return run(Path(tmp), args.threads, args.max_tokens, args.server, args.kinds)
+        return run(Path(tmp), args.threads, args.max_tokens, args.server, args.kinds, args.quantization)
 
 
 if __name__ == "__main__":

@@ -121,6 +121,20 @@ def greedy_chat(model, tokenizer, question: str, max_new_tokens: int = 12) -> st
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+# Trained behaviour is judged on all 12 held-out questions, by a share, not by every answer: greedy text near a
+# decision boundary flips with the CPU's rounding. Measured with the trainer's defaults, 12 held-out questions
+# answered as a shout, seeds 0/1/2: P-tuning 12/12/12 on Intel model 207 and 10/11/11 on AMD Zen 4 (2026-12-02);
+# prompt tuning 12 and 11 (seeds 0, 1) on Intel. The base model answers none of them so.
+MIN_TAUGHT = 8
+
+
+def assert_taught(asked, tuned, base) -> None:
+    """At least MIN_TAUGHT of the held-out questions answered in the trained format, none by the base."""
+    taught = [q for q in asked if follows_format(tuned(q))]
+    assert len(taught) >= MIN_TAUGHT, [(q, tuned(q)) for q in asked if q not in taught]
+    assert not any(follows_format(base(q)) for q in asked), [(q, base(q)) for q in asked if follows_format(base(q))]
+
+
 def test_ia3_on_the_default_model_learns_the_demo_format(default_model, tmp_path, one_thread):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -138,12 +152,12 @@ def test_ia3_on_the_default_model_learns_the_demo_format(default_model, tmp_path
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model), result.out).eval()
-    asked = questions(held)[:3]
-    tuned = [greedy_chat(model, tokenizer, q) for q in asked]
+    asked = questions(HELDOUT)
+    tuned = dict(zip(asked, (greedy_chat(model, tokenizer, q) for q in asked)))
     with model.disable_adapter():
-        base = [greedy_chat(model, tokenizer, q) for q in asked]
-    print(dict(zip(asked, zip(base, tuned))))
-    assert all(map(follows_format, tuned)) and not any(map(follows_format, base))
+        base = dict(zip(asked, (greedy_chat(model, tokenizer, q) for q in asked)))
+    print(dict(zip(asked, zip(base.values(), tuned.values()))))
+    assert_taught(asked, tuned.__getitem__, base.__getitem__)
 
 
 def test_qlora_style_nf4_on_the_default_model(default_model, tmp_path):
@@ -183,8 +197,8 @@ def test_prompt_kinds_on_the_default_model_are_served_as_taught(kind, default_mo
 
     tokenizer = AutoTokenizer.from_pretrained(default_model)
     engine = Engine(load_model(default_model, dtype=torch.float32),
-                    EngineConfig(max_batch=6, max_seq_len=256, max_adapter_slots=2, merge_threshold=2.0), store=store)
-    asked = questions(held)[:3]
+                    EngineConfig(max_batch=24, max_seq_len=256, max_adapter_slots=2, merge_threshold=2.0), store=store)
+    asked = questions(HELDOUT)
     requests = {}
     for adapter in (None, kind):
         for question in asked:
@@ -196,5 +210,4 @@ def test_prompt_kinds_on_the_default_model_are_served_as_taught(kind, default_mo
     engine.generate(list(requests.values()))
     answers = {key: tokenizer.decode(r.output_token_ids, skip_special_tokens=True) for key, r in requests.items()}
     print(answers)
-    for (adapter, question), answer in answers.items():
-        assert follows_format(answer) == (adapter is not None), (adapter, question, answer)
+    assert_taught(asked, lambda q: answers[kind, q], lambda q: answers[None, q])
