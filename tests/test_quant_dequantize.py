@@ -90,3 +90,25 @@ def test_plain_weight_passes_through():
     linear = nn.Linear(8, 4)
     assert torch.equal(dequantized_weight(linear, torch.float32), linear.weight.detach())
     assert dequantized_weight(linear, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_dora_scale_and_merge_over_a_repacked_nf4_base():
+    """DoRA's column norms (computed when a slot is written) and a merged slot's folded weight, written before
+    and after bitsandbytes' AVX512-BF16 repack (forced here on any CPU), agree within the repack's bf16
+    rounding of absmax: neither reads the repacked layout as if it were the portable one (on Zen 4 that
+    read was 7-9 off in the logits)."""
+    torch.manual_seed(1)
+    _, module = quantized("nf4")
+    layer = AdapterLinear(module, IN, OUT, num_slots=2, max_rank=4, mapping=BatchMapping(), dtype=torch.float32,
+                          device=CPU)
+    a, b, magnitude = torch.randn(4, IN) * 0.1, torch.randn(OUT, 4) * 0.1, torch.rand(OUT) + 0.5
+    layer.set_lora(1, a, b, 2.0)
+    layer.set_dora(1, magnitude)
+    scale, (folded, _) = layer.dora_scale[1].clone(), layer.folded(1)
+    if not repacked(module):
+        force_repack(module)
+    layer.set_lora(2, a, b, 2.0)
+    layer.set_dora(2, magnitude)
+    torch.testing.assert_close(layer.dora_scale[2], scale, rtol=2**-8, atol=0)
+    torch.testing.assert_close(layer.folded(2)[0], folded, rtol=0, atol=2**-8 * folded.abs().max().item())
+    assert (layer.dora_scale[2] - 1).abs().max() > 0.05  # the magnitude matters: a wrong norm cannot hide
