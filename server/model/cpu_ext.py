@@ -10,7 +10,9 @@ or ADAPTER_SERVER_NO_EXT=1, `kernel()` returns None and callers use plain torch.
 The build uses -march=native, so it is named after the CPU's instruction-set flags:
 a cache directory that moves between CPU kinds (a Docker volume, a shared home; Intel
 AVX512 vs AMD AVX2) gets one build per kind instead of loading code the CPU cannot
-run (SIGILL kills the process; it is not an exception).
+run (SIGILL kills the process; it is not an exception). ADAPTER_SERVER_EXT_MARCH=<arch>
+(e.g. x86-64-v3, what an AVX2-only EPYC Zen 3 runs) builds for that -march instead, under a
+name of its own: the tests use it to run another CPU kind's vectorized code on this machine.
 
 Builds are serialised by an `flock` on `<build dir>.lock`, which the kernel drops when its
 holder dies. torch's own lock (a `lock` file in the build directory, `FileBaton`) is not:
@@ -59,16 +61,26 @@ def isa_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:12]
 
 
+def march_flag() -> str:
+    """The -march the kernels are built for: native, or ADAPTER_SERVER_EXT_MARCH (checked: letters, digits, -._)."""
+    march = os.environ.get("ADAPTER_SERVER_EXT_MARCH", "native")
+    if not march or not all(c.isalnum() or c in "-._" for c in march):
+        raise ValueError(f"ADAPTER_SERVER_EXT_MARCH={march!r} is not an -march value")
+    return march
+
+
 def _build():
     if os.environ.get("ADAPTER_SERVER_NO_EXT") == "1":
         return None
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        name = f"adapter_server_cpu_{isa_tag()}"
+        march = march_flag()
+        tag = isa_tag() if march == "native" else march.replace("-", "_").replace(".", "_")
+        name = f"adapter_server_cpu_{tag}"
         build_dir = Path(_get_build_directory(name, verbose=False))
         with _build_lock(build_dir, float(os.environ.get("ADAPTER_SERVER_EXT_WAIT", "600"))):
-            return load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            return load(name, [str(p) for p in _SOURCES], extra_cflags=["-O3", f"-march={march}", "-fopenmp"],
                         build_directory=str(build_dir), verbose=False)
     except Exception as exc:  # no compiler, no ninja, a lock held too long: the torch path serves every request
         log.warning("CPU kernels unavailable (%s); using the plain torch paths", exc)
