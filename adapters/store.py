@@ -106,6 +106,30 @@ def validate_name(name: str) -> str:
     return name
 
 
+# A tenant's adapter is stored as "<tenant>~<name>". '~' is in no valid name, so no client-chosen name can
+# spell another tenant's stored name, and the operator's (shared) adapters keep their plain names.
+TENANT_SEP = "~"
+
+
+def stored_name(tenant: str | None, name: str) -> str:
+    """The store's name of adapter ``name`` in ``tenant``'s namespace (the operator's: None)."""
+    validate_name(name)
+    return name if tenant is None else f"{validate_name(tenant)}{TENANT_SEP}{name}"
+
+
+def split_stored_name(stored: str) -> tuple[str | None, str]:
+    """(tenant or None, the name its tenant calls it)."""
+    tenant, sep, name = stored.partition(TENANT_SEP)
+    return (tenant, name) if sep else (None, stored)
+
+
+def _validate_stored(stored: str) -> str:
+    if not isinstance(stored, str) or stored.count(TENANT_SEP) > 1:
+        raise AdapterError(f"invalid adapter name {stored!r}")
+    tenant, name = split_stored_name(stored)
+    return stored_name(tenant, name)
+
+
 def _copy_file(src: Path, dst: Path) -> str:
     """Copy ``src`` to ``dst``, fsync it, and return the sha256 of the bytes written."""
     digest = hashlib.sha256()
@@ -182,7 +206,7 @@ class AdapterStore:
         (bad name or adapter), AdapterExists (name taken and not ``overwrite``),
         AdapterTooLarge (files exceed ``max_adapter_bytes``).
         """
-        validate_name(name)
+        _validate_stored(name)
         src_dir = Path(src_dir)
         inspect_adapter_dir(src_dir)  # cheap refusal (pickles, bad config) before copying anything
         files = [f for f in COPIED_FILES if (src_dir / f).is_file()]
@@ -229,7 +253,7 @@ class AdapterStore:
         return [entries[n] for n in sorted(entries)]
 
     def get(self, name: str) -> AdapterRecord:
-        validate_name(name)
+        _validate_stored(name)
         try:
             return self._read_index()[name]
         except KeyError:
@@ -241,7 +265,7 @@ class AdapterStore:
         return self._dir / name
 
     def delete(self, name: str) -> None:
-        validate_name(name)
+        _validate_stored(name)
         with self._locked():
             entries = self._read_index()
             target = self._dir / name

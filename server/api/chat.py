@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
+from server.api.tenancy import view_or_none
 from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
 from server.api.protocol import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, \
@@ -57,12 +58,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  ctx: ServerContext = Depends(get_context)):
     arrival = time.monotonic()
     engine = ctx.engine
-    adapter, composition = resolve_target(ctx, body)
+    adapters = view_or_none(ctx, request)
+    adapter, composition = resolve_target(ctx, body, adapters)
     request.state.adapter_label = ctx.metrics.adapter_label(adapter or (composition and composition.describe()))
     prompt = chat_prompt_ids(engine.tokenizer, body.messages)
     params = sampling_params(body, body.token_limit, body.engine_logprobs)
     requests = make_requests(engine, [prompt], params, adapter, body.n, composition)
-    model = adapter or engine.model_name
+    model = adapters.shown(adapter) if adapter else engine.model_name  # the caller's name for it
     generation = Generation(ctx, requests, arrival)
     if body.stream:
         state = _ChatStream(ctx, body, model, requests, len(prompt))

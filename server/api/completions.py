@@ -9,6 +9,7 @@ from fastapi.responses import Response
 
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
+from server.api.tenancy import view_or_none
 from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
 from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
@@ -142,13 +143,14 @@ def merged(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
 async def create_completion(body: CompletionRequest, request: Request, ctx: ServerContext = Depends(get_context)):
     arrival = time.monotonic()
     engine = ctx.engine
-    adapter, composition = resolve_target(ctx, body)
+    adapters = view_or_none(ctx, request)
+    adapter, composition = resolve_target(ctx, body, adapters)
     request.state.adapter_label = ctx.metrics.adapter_label(adapter or (composition and composition.describe()))
     prompts = prompt_token_ids(engine, body.prompt)
     params = sampling_params(body, body.max_tokens, body.logprobs,
                              prompt_logprobs=body.logprobs if body.echo else None)
     requests = make_requests(engine, prompts, params, adapter, body.n, composition)
-    model = adapter or engine.model_name
+    model = adapters.shown(adapter) if adapter else engine.model_name  # the caller's name for it
     generation = Generation(ctx, requests, arrival)
     if body.stream:
         state = _CompletionStream(ctx, body, model, requests, sum(len(ids) for ids in prompts))

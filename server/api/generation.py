@@ -24,6 +24,7 @@ from adapters.store import AdapterNotFound
 from server.api.context import ServerContext
 from server.api.errors import APIError
 from server.api.protocol import SamplingFields
+from server.api.tenancy import AdapterView
 from server.engine.request import Request, RequestOutput, SamplingParams
 from server.metrics import Metrics
 
@@ -35,8 +36,10 @@ class ClientDisconnected(Exception):
     """The HTTP client went away before its response was ready."""
 
 
-def resolve_adapter(ctx: ServerContext, model: str | None, adapter: str | None) -> str | None:
-    """The adapter a request asks for, or None for the base model; 404 if it is not stored.
+def resolve_adapter(ctx: ServerContext, model: str | None, adapter: str | None,
+                    view: AdapterView | None = None) -> str | None:
+    """The stored name of the adapter a request asks for, or None for the base model; 404 if the caller
+    sees no such adapter (``view``: the store as the caller sees it, :mod:`server.api.tenancy`).
 
     In order: the ``adapter`` field; ``model`` as ``<base>:<adapter>`` (the addressing tools built for
     SGLang and Ray Serve LLM use; adapter names never hold ':'); ``model`` naming an adapter; else the base.
@@ -50,25 +53,28 @@ def resolve_adapter(ctx: ServerContext, model: str | None, adapter: str | None) 
         if not adapter:
             raise APIError(400, f"model {model!r} names no adapter after ':'", param="model")
     if adapter:
-        if not _stored(ctx, adapter):
+        stored = _stored(ctx, view, adapter)
+        if stored is None:
             raise APIError(404, f"adapter {adapter!r} not found", param="adapter", code="adapter_not_found")
-        return adapter
+        return stored
     if model is None or model == "" or model == engine.model_name:
         return None
-    if _stored(ctx, model):
-        return model
+    stored = _stored(ctx, view, model)
+    if stored is not None:
+        return stored
     raise APIError(404, f"model {model!r} not found: it is neither the base model {engine.model_name!r} nor a "
                    "stored adapter (see GET /v1/models)", param="model", code="model_not_found")
 
 
-def resolve_target(ctx: ServerContext, body: SamplingFields) -> tuple[str | None, Composition | None]:
-    """(adapter, composition) of a request: :func:`resolve_adapter`, or the ``adapters`` field naming several
-    (with ``adapter_combination``); 400 when both are given, 404 naming a member that is not stored."""
+def resolve_target(ctx: ServerContext, body: SamplingFields,
+                   view: AdapterView | None = None) -> tuple[str | None, Composition | None]:
+    """(adapter, composition) of a request, by stored names: :func:`resolve_adapter`, or the ``adapters`` field
+    naming several (with ``adapter_combination``); 400 when both are given, 404 naming a member not seen."""
     if body.adapters is None:
         if body.adapter_combination is not None:
             raise APIError(400, "adapter_combination applies to the adapters field, which is not set",
                            param="adapter_combination")
-        return resolve_adapter(ctx, body.model, body.adapter), None
+        return resolve_adapter(ctx, body.model, body.adapter, view), None
     if body.adapter or (body.model and body.model != ctx.engine.model_name):
         raise APIError(400, "name the adapters to compose in the adapters field alone (adapter unset, model the base "
                        f"model {ctx.engine.model_name!r} or unset)", param="adapters")
@@ -76,21 +82,24 @@ def resolve_target(ctx: ServerContext, body: SamplingFields) -> tuple[str | None
         composition = Composition(parse_members(body.adapters), body.adapter_combination or DEFAULT_COMBINATION)
     except AdapterError as exc:
         raise APIError(400, str(exc), param="adapters") from exc
-    for name in composition.names:
-        if not _stored(ctx, name):
-            raise APIError(404, f"adapter {name!r} not found", param="adapters", code="adapter_not_found")
-    return None, composition
+    members = []
+    for member in composition.members:
+        stored = _stored(ctx, view, member.name)
+        if stored is None:
+            raise APIError(404, f"adapter {member.name!r} not found", param="adapters", code="adapter_not_found")
+        members.append(replace(member, name=stored))
+    return None, replace(composition, members=tuple(members))
 
 
-def _stored(ctx: ServerContext, name: str) -> bool:
+def _stored(ctx: ServerContext, view: AdapterView | None, name: str) -> str | None:
+    """The stored name ``name`` stands for, or None (no store, not a valid name, not seen by the caller)."""
     store = getattr(ctx.engine, "adapter_store", None)
     if store is None:
-        return False
+        return None
     try:
-        store.get(name)
+        return (view or AdapterView(store, None)).stored(name)
     except (AdapterNotFound, AdapterError):  # AdapterError: not even a valid name
-        return False
-    return True
+        return None
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,

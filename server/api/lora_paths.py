@@ -16,16 +16,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from adapters.format import AdapterError
-from adapters.store import validate_name
-from server.api.adapter_admin import _invalidate, _record
+from adapters.store import StoreError, validate_name
+from server.api.adapter_admin import _invalidate, _owned, _renamed
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
+from server.api.tenancy import view
 
 router = APIRouter()
 LOAD_PATH, UNLOAD_PATH = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
@@ -71,24 +72,29 @@ def resolve_under_root(root: str | None, requested: str) -> Path:
 
 
 @router.post(LOAD_PATH, response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoraAdapterRequest, ctx: ServerContext = Depends(get_context)):
-    store = ctx.adapter_store
+async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request, ctx: ServerContext = Depends(get_context)):
+    adapters = view(ctx, request)
     validate_name(body.lora_name)
+    stored = adapters.own(body.lora_name)  # a tenant's admin key loads into its own namespace
     path = resolve_under_root(ctx.config.adapter_load_root, body.lora_path)
     validate_adapter = getattr(ctx.engine, "validate_adapter", None)
-    validate = (lambda staged: validate_adapter(staged, body.lora_name)) if validate_adapter is not None else None
+    validate = (lambda staged: validate_adapter(staged, stored)) if validate_adapter is not None else None
     try:
-        await run_in_threadpool(store.add, body.lora_name, path, overwrite=body.load_inplace, validate=validate)
+        await run_in_threadpool(adapters.store.add, stored, path, overwrite=body.load_inplace, validate=validate)
     except AdapterError as exc:
-        raise APIError(400, str(exc).replace(str(path), repr(body.lora_path)), param="lora_path") from None
-    _invalidate(ctx.engine, body.lora_name)
+        message = str(exc).replace(str(path), repr(body.lora_path)).replace(repr(stored), repr(body.lora_name))
+        raise APIError(400, message, param="lora_path") from None
+    except StoreError as exc:
+        raise _renamed(exc, stored, body.lora_name) from None
+    _invalidate(ctx.engine, stored)
     return f"Success: LoRA adapter '{body.lora_name}' added successfully."
 
 
 @router.post(UNLOAD_PATH, response_class=PlainTextResponse)
-async def unload_lora_adapter(body: UnloadLoraAdapterRequest, ctx: ServerContext = Depends(get_context)):
-    store = ctx.adapter_store
-    _record(store, body.lora_name)  # 404 when unknown
-    await run_in_threadpool(store.delete, body.lora_name)
-    _invalidate(ctx.engine, body.lora_name)
+async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request,
+                              ctx: ServerContext = Depends(get_context)):
+    adapters = view(ctx, request)
+    stored = _owned(adapters, body.lora_name)  # 404 when the caller sees no such adapter
+    await run_in_threadpool(adapters.store.delete, stored)
+    _invalidate(ctx.engine, stored)
     return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

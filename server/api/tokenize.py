@@ -13,21 +13,22 @@ are configured (:mod:`server.api.auth`). Nothing here touches the engine's queue
 """
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 
 from server.api.chat import chat_prompt_ids
 from server.api.context import ServerContext, get_context
 from server.api.errors import APIError
 from server.api.generation import resolve_adapter
+from server.api.tenancy import view_or_none
 from server.api.protocol import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
 router = APIRouter()
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_context)):
+async def tokenize(body: TokenizeRequest, request: Request, ctx: ServerContext = Depends(get_context)):
     engine = ctx.engine
-    resolve_adapter(ctx, body.model, body.adapter)  # 404 for a model that is not served
+    resolve_adapter(ctx, body.model, body.adapter, view_or_none(ctx, request))  # 404 for a model that is not served
     tokenizer = engine.tokenizer
     if body.messages is not None:
         tokens = chat_prompt_ids(tokenizer, body.messages, add_generation_prompt=body.generation_prompt,
@@ -41,9 +42,9 @@ async def tokenize(body: TokenizeRequest, ctx: ServerContext = Depends(get_conte
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, ctx: ServerContext = Depends(get_context)):
+async def detokenize(body: DetokenizeRequest, request: Request, ctx: ServerContext = Depends(get_context)):
     engine = ctx.engine
-    resolve_adapter(ctx, body.model, body.adapter)
+    resolve_adapter(ctx, body.model, body.adapter, view_or_none(ctx, request))
     vocab = engine.vocab_size
     bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
     if bad is not None:
