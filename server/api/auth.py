@@ -30,6 +30,7 @@ from adapters.format import AdapterError
 from adapters.store import validate_name
 from server.api.errors import error_response
 from server.config import ServerConfig
+from server.engine.fairness import Tenant
 
 ADMIN, INFERENCE, OPERATOR = "admin", "inference", "operator"
 ADMIN_PREFIX = "/v1/adapters"
@@ -37,14 +38,6 @@ PROTECTED_PREFIX = "/v1/"
 INFERENCE_PATHS = frozenset({"/tokenize", "/detokenize"})
 METRICS_PATH = "/metrics"
 ADMIN_PATHS = frozenset({"/v1/load_lora_adapter", "/v1/unload_lora_adapter"})  # vLLM's runtime adapter loading
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """A tenant's fair-admission terms: its weight (share of service) and its own bound on waiting requests."""
-    name: str
-    weight: float = 1.0
-    max_waiting: int | None = None
 
 
 @dataclass(frozen=True)
