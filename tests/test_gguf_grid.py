@@ -25,10 +25,12 @@ from tests.test_adapters_golden import generate, greedy_request
 
 # fp32 logits of SmolLM2 (|logit| up to ~30) against the dense dequantized model: the kernel computes
 # (q - 8) d + (m + 8 d) where the file defines q d + m (one fp32 rounding apart per weight), and sums in its own
-# order. Measured on Zen 4: weights equal to <= 6e-8, logits <= 2e-4 apart.
-GGUF_FP32_BOUND = 1e-3
+# order. Measured on Zen 4 (2026-12-03): weights identical (max difference 0.0), logits 4.5e-5 apart on both
+# prompts (|logit| up to 27). In bf16 (the served default) the grid is 0.28 / 0.41 from the fp32 dense logits, the
+# argmax unchanged; the resident weights are 171 MiB in bf16 against 513 MiB dense fp32.
+GGUF_FP32_BOUND = 2e-4
 PROMPTS = {"plain": "The history of the Roman Empire", "chat": "Write a short poem about the sea."}
-NEW = 8  # greedy tokens per prompt (fp32 int4 kernels are slow: ~1 s per token here)
+NEW = 4  # greedy tokens (the int4 kernel in fp32 is ~20x slower than in bf16: seconds per token here)
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
@@ -88,7 +90,8 @@ def test_default_model_on_its_q4_1_grid_equals_the_dequantized_model(default_dir
         outs = []
         for loaded in (grid, dense):
             engine = Engine(loaded, EngineConfig(max_batch=1, max_seq_len=64, max_adapter_slots=1))
-            outs.append((last_prompt_logits(engine, ids), generate(engine, [greedy_request(None, ids, NEW)])[0]))
+            greedy = generate(engine, [greedy_request(None, ids, NEW)])[0] if label == "plain" else None
+            outs.append((last_prompt_logits(engine, ids), greedy))
         (g_logits, g_tokens), (d_logits, d_tokens) = outs
         error = (g_logits - d_logits).abs().max().item()
         assert error <= GGUF_FP32_BOUND, (label, error)
