@@ -31,6 +31,11 @@ bench-adapters: $(STAMP)
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
 
+# single-stream decode tok/s of each CPU weight precision (bf16 unpacked/packed, fp32, int8-wo, int4-wo, gguf), one run
+.PHONY: bench-single-stream
+bench-single-stream: $(STAMP)
+	$(PY) -m loadtest.bench_single_stream $(ARGS)
+
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)
 
