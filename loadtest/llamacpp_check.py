@@ -35,8 +35,8 @@ PROMPT = "The history of the Roman Empire"
 
 
 def llamacpp_bin(name: str) -> Path:
-    root = Path(os.environ.get("LLAMACPP_DIR") or Path(os.environ.get("ADAPTER_SERVER_CACHE",
-                                                                     Path.home() / ".cache/adapter-server")) / "llamacpp")
+    cache = Path(os.environ.get("ADAPTER_SERVER_CACHE", Path.home() / ".cache/adapter-server"))
+    root = Path(os.environ.get("LLAMACPP_DIR") or cache / "llamacpp")
     path = root / "bin" / name
     if not path.is_file():
         raise SystemExit(f"{path} is missing: run `make install-llamacpp`")
