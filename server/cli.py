@@ -35,7 +35,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
                         "(random weights, fast); default: SmolLM2-135M-Instruct")
     p.add_argument("--dtype", default=_env("dtype", e.dtype), help="auto | float32 | bfloat16 | float16")
     p.add_argument("--quantization", default=_env("quantization", e.quantization),
-                   help="auto | nf4 | fp4 | int8 | none (auto: nf4 on CUDA, none on CPU)")
+                   help="auto | none | nf4 | fp4 | int8 | int8-wo | int4-wo | gguf (auto: nf4 on CUDA; on CPU "
+                        "gguf for a Q4 GGUF base where bf16 is native, else none)")
     p.add_argument("--device", default=_env("device", e.device), help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=_env("max_batch", e.max_batch))
     p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", e.max_seq_len))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 class EngineConfig:
     model: str | None = None          # checkpoint directory; None = the built-in default model
     dtype: str = "auto"               # auto: bfloat16 on CPU/GPU for unquantized bases, float32 compute for tests
-    quantization: str = "auto"        # auto: nf4 on CUDA, none on CPU (see README)
+    quantization: str = "auto"        # auto: nf4 on CUDA; CPU: gguf for a Q4 GGUF base with native bf16, else none
     device: str = "auto"              # auto: cuda if available, else cpu
     max_batch: int = 16               # KV-cache rows = requests decoded together
     max_seq_len: int = 1024           # KV-cache length per row (prompt + prefix + output)

@@ -251,7 +251,7 @@ class Transformer(nn.Module):
         self.rope_scaling = rope_scaling
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and type(self.lm_head) is nn.Linear:  # not once quantized or packed
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from server.model.llama import ModelArgs, Transformer, rope_inv_freq
 from server.model.packed_linear import pack_linears, packing_available
-from server.model.quant import quantize_decoder_linears, weight_bytes
+from server.model.quant import BNB_METHODS, quantize_decoder_linears, weight_bytes
+from server.model.weight_only import WEIGHT_ONLY, quantize_weight_only
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, quantiza
                device: str | torch.device = "cpu", pack: bool = True, batch_hint: int = 16) -> LoadedModel:
     """Build our Transformer from a checkpoint directory; quantize decoder linears if asked.
 
-    pack: on CPU in float32, hold linear weights pre-packed for oneDNN (see packed_linear).
+    pack: on CPU in float32 (bf16 where native), hold dense linear weights pre-packed for oneDNN (packed_linear).
+    quantization: none, a bitsandbytes method (quant.BNB_METHODS), int8-wo / int4-wo (weight_only) or gguf
+    (gguf_grid: the source GGUF's Q4 blocks as they are; `path` must be a converted GGUF directory).
     """
     path = Path(path)
     if not (path / "config.json").exists():
@@ -97,11 +100,24 @@ def load_model(path: str | Path, *, dtype: torch.dtype = torch.float32, quantiza
     model.load_state_dict(state, strict=False, assign=True)
     model.inv_freq = inv_freq
     model.tie_weights()
-    quantize_decoder_linears(model, quantization, dtype, device)
-    model.to(device=device, dtype=dtype) if quantization == "none" else _cast_unquantized(model, dtype, device)
+    if quantization in WEIGHT_ONLY or quantization == "gguf":
+        if device.type != "cpu":
+            raise ValueError(f"--quantization {quantization} runs on CPU only (torch's CPU weight-only kernels)")
+        if quantization == "gguf":
+            from server.model.gguf_grid import apply_gguf_grid
+
+            apply_gguf_grid(model, path, dtype)
+        else:
+            quantize_weight_only(model, quantization, dtype)
+        model.to(device=device, dtype=dtype)  # the dense rest; quantized codes are integer buffers
+    elif quantization in BNB_METHODS:
+        quantize_decoder_linears(model, quantization, dtype, device)
+        _cast_unquantized(model, dtype, device)
+    else:
+        model.to(device=device, dtype=dtype)
     model.eval().requires_grad_(False)
     model.inv_freq = inv_freq.to(device)
-    if pack and quantization == "none" and packing_available(device, dtype):
+    if pack and quantization not in BNB_METHODS and packing_available(device, dtype):
         pack_linears(model, batch_hint)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     loaded = LoadedModel(model=model, hf_config=hf_config, tokenizer=tokenizer, name=path.name, dtype=dtype,

@@ -19,7 +19,9 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+BNB_METHODS = ("nf4", "fp4", "int8")  # bitsandbytes, decoder linears only (this module)
+# every --quantization: none, bitsandbytes, CPU weight-only (server.model.weight_only), a GGUF's own grid (gguf_grid)
+QUANTIZATIONS = ("none", *BNB_METHODS, "int8-wo", "int4-wo", "gguf")
 NF4_BLOCK = 64
 
 
@@ -45,7 +47,7 @@ def quantize_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, 
                                      has_fp16_weights=False, threshold=0.0, device="cpu")
         module.weight = bnb.nn.Int8Params(weight.cpu(), requires_grad=False, has_fp16_weights=False)
     else:
-        raise ValueError(f"unknown quantization {method!r}; choose one of {', '.join(QUANTIZATIONS)}")
+        raise ValueError(f"unknown bitsandbytes quantization {method!r}; choose one of {', '.join(BNB_METHODS)}")
     if has_bias:
         module.bias = nn.Parameter(linear.bias.data.to(compute_dtype).cpu(), requires_grad=False)
     return module.to(device).eval()  # .to() is where bitsandbytes quantizes

@@ -1,0 +1,170 @@
+"""Weight-only int8 / int4 linears on CPU (`--quantization int8-wo | int4-wo`), on torch's own kernels.
+
+- int8-wo: symmetric per output channel, W[n, :] = q[n, :] * scale[n], q int8 in [-127, 127];
+  `torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K], scale [N])`.
+- int4-wo: asymmetric, groups of 32 along the input axis, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]
+  with q in [0, 15] and g = k // 32 (the kernel's own formula, checked in tests/test_weight_only.py);
+  `_convert_weight_to_int4pack_for_cpu` packs q once, `_weight_int4pack_mm_for_cpu(x, packed, 32, sz)` with
+  sz [K/32, N, 2] = (scale, zero) multiplies. A GGUF Q4_0 / Q4_1 block is exactly such a group
+  (server.model.gguf_grid builds these modules from the file's blocks without requantizing).
+
+Both kernels take scales in the activations' dtype and are fast only for bf16 (or fp16) activations: measured on
+the 2-core Zen 4 (SmolLM2's lm_head 49152x576, M=1): int4 4.4 ms in bf16 against 86 ms in fp32, int8 6.3 against
+48 ms, where bf16 oneDNN-packed takes 8.2 ms. The factory therefore serves these quantizations in bf16 (see
+server.engine.factory); fp32 compute stays available (and exact against the dequantized model) for tests.
+At M=32 (batched decode) bf16-packed is as fast or faster (31 ms vs int4 47 ms for the lm_head): these kernels
+are the single-stream choice.
+
+Which modules: every decoder linear and the lm_head. A tied embedding keeps its dense compute-dtype table for the
+lookup (one row per token costs nothing; only the lm_head's GEMM reads the whole matrix each step), so the tied
+weight is then held twice: dense for the lookup, quantized for the lm_head.
+
+`weight` on these modules returns the dequantized [out, in] matrix (what the kernel computes with, in the compute
+dtype), so merges (server.model.merge: a dense compute-dtype copy, never re-quantized) and DoRA norms
+(quant.dequantized_weight) work over them as over any linear.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHT_ONLY = ("int8-wo", "int4-wo")
+INT4_GROUP = 32  # the kernel's group size here, and a GGUF Q4 block
+INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+
+
+def _as_2d(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] -> [M, K] in the kernel's dtype; no aten call where nothing changes (decode runs 211 of these
+    per token, so a no-op `to` alone was 210 aten calls per token)."""
+    if x.dim() != 2:
+        x = x.view(-1, x.shape[-1]) if x.is_contiguous() else x.reshape(-1, x.shape[-1])
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale[:, None])^T + b; q int8 [N, K], scale [N] in the compute dtype."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(scales.dtype), requires_grad=False)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int8Linear":
+        w = weight.detach().float()
+        scales = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+        q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+        return cls(q, scales.to(dtype), bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return (self.qweight.float() * self.scales.float()[:, None]).to(self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(_as_2d(x, self.scales.dtype), self.qweight, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W^T + b with W[n, k] = (q[n, k] - 8) * scale[k // 32, n] + zero[k // 32, n].
+
+    packed: the kernel's uint8 layout of q [N', K/2]; scale_zeros [K/32, N', 2] in the compute dtype. The kernel
+    needs N' % 16 == 0: other N (a vocabulary of 263) are padded with zero rows whose outputs are cut off.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype):
+        """codes [N, K] integers in [0, 15]; scales, zeros [N, K/32] (any float dtype; stored in `dtype`)."""
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.group = INT4_GROUP
+        pad = -self.out_features % INT4_N_MULTIPLE
+        if pad:  # zero rows: code 8, scale 0, zero 0
+            codes = torch.cat([codes, torch.full((pad, self.in_features), 8, dtype=codes.dtype)])
+            scales, zeros = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (scales, zeros))
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            codes.to(torch.int32).contiguous(), 1))
+        self.register_buffer("scale_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).to(dtype).contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> "Int4Linear":
+        """Asymmetric min/max per group of 32: scale = (max - min) / 15, q = round((w - min) / scale),
+        zero = min + 8 * scale (so that (q - 8) * scale + zero = min + q * scale)."""
+        n, k = weight.shape
+        w = weight.detach().float().reshape(n, k // INT4_GROUP, INT4_GROUP)
+        lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+        scales = ((hi - lo) / 15.0).clamp_min(1e-12)
+        codes = torch.round((w - lo[..., None]) / scales[..., None]).clamp_(0, 15).reshape(n, k)
+        return cls(codes, scales, lo + 8.0 * scales, bias, dtype)
+
+    @staticmethod
+    def fits(out_features: int, in_features: int) -> bool:
+        return in_features % INT4_GROUP == 0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized [N, K] in the compute dtype, read back through the kernel itself (x = identity): the
+        values it multiplies by, with no second copy of its packed layout's rules."""
+        eye = torch.eye(self.in_features, dtype=self.scale_zeros.dtype)
+        w = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group, self.scale_zeros)
+        return w[:, :self.out_features].t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_as_2d(x, self.scale_zeros.dtype), self.packed,
+                                                        self.group, self.scale_zeros)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"
+
+
+def quantize_linear(linear: nn.Module, method: str, dtype: torch.dtype) -> nn.Module:
+    """The weight-only module for a dense linear, or the linear itself where the int4 kernel's shapes do not fit."""
+    weight, bias = linear.weight, linear.bias
+    if method == "int8-wo":
+        return Int8Linear.quantize(weight, bias, dtype)
+    if method == "int4-wo":
+        if not Int4Linear.fits(*weight.shape):
+            log.warning("int4-wo: %s stays dense (K %% %d is not 0)", tuple(weight.shape), INT4_GROUP)
+            return linear
+        return Int4Linear.quantize(weight, bias, dtype)
+    raise ValueError(f"unknown weight-only quantization {method!r}; choose one of {', '.join(WEIGHT_ONLY)}")
+
+
+def quantize_weight_only(model: nn.Module, method: str, dtype: torch.dtype) -> int:
+    """Replace every decoder linear and the lm_head of an fp32 model in place; returns how many were quantized.
+    A tied embedding stays dense (see the module docstring)."""
+    count = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Linear:
+                    new = quantize_linear(child, method, dtype)
+                    setattr(parent, name, new)
+                    count += new is not child
+    if type(model.lm_head) is nn.Linear:
+        new = quantize_linear(model.lm_head, method, dtype)
+        count += new is not model.lm_head
+        model.lm_head = new
+    log.info("quantized %d linears to %s", count, method)
+    return count
+
+
+def is_weight_only(module: nn.Module) -> bool:
+    return isinstance(module, (Int8Linear, Int4Linear))
