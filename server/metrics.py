@@ -101,6 +101,16 @@ class Metrics:
         for action in ("merge", "unmerge"):
             self.merge_events.labels(action=action)
 
+        # ---- adapter tiers (issue 26: hundreds of adapters)
+        self.adapter_slot_wait_seconds = Histogram(
+            f"{PREFIX}_adapter_slot_wait_seconds", "From the first time an adapter request could have been admitted "
+            "to its adapter being in a device slot (store read + copy; 0 when resident)", buckets=LOAD_BUCKETS,
+            registry=r)
+        self.adapters_resident = Gauge(f"{PREFIX}_adapters_resident", "Adapters resident per tier (device slots, "
+                                       "CPU cache)", ["tier"], registry=r)
+        for tier in ("device", "cpu"):
+            self.adapters_resident.labels(tier=tier)
+
     def bind_engine(self, engine: Any) -> None:
         """Read queue depth and running batch size from ``engine`` at every scrape."""
         self.queue_depth.set_function(lambda: engine.num_waiting)

@@ -237,6 +237,23 @@ class AdapterLinear(nn.Module):
         return weight, bias
 
 
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear install_adapter_layers wraps (or has wrapped), for slot sizing."""
+    shapes = []
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGET_MODULES:
+                linear = getattr(parent, name, None)
+                if linear is not None:
+                    shapes.append((linear.in_features, linear.out_features))
+    return shapes
+
+
+def slot_itemsize(model: nn.Module) -> int:
+    """Bytes per element of the slot tensors (the embedding's dtype, as install_adapter_layers allocates)."""
+    return model.model.embed_tokens.weight.element_size()
+
+
 def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:
     """Wrap every decoder linear; returns the shared mapping and {(layer, module): AdapterLinear}."""
     mapping = BatchMapping(model=model)
