@@ -1,7 +1,7 @@
 """The CPU tier of adapters: validated adapters loaded from the store, LRU by bytes, loaded off the engine thread.
 
 Keys are versions (``name@sha256-prefix``, adapters.composition.version_key) or composition keys. A load
-starts when a request is submitted (`prefetch`) and runs on one background thread, so reading and
+starts when a request is submitted (`prefetch`) and runs on LOAD_THREADS background threads, so reading and
 validating the files overlaps with the request's wait in the queue; the engine thread only polls
 (`get`), never blocks on disk. A composition's combined adapter (adapters.kinds.composite) is built on
 the engine thread once its members are here, and cached under its own key.
@@ -21,6 +21,11 @@ from server.engine import threads as torch_threads
 from server.engine.request import AdmissionFailed
 
 
+# Store reads in parallel: with one, a slow read (a large adapter, a cold disk) held up every load queued behind
+# it, and so every request for another adapter (issue 26). Each read runs its torch ops inline on its thread.
+LOAD_THREADS = 2
+
+
 class AdapterLoadFailed(AdmissionFailed):
     """The adapter's files could not be loaded (the request fails with this message)."""
 
@@ -34,7 +39,7 @@ class AdapterCache:
         self._loading: dict[str, Future] = {}  # loads not yet finished (a finished one leaves: it pins nothing)
         self._failed: dict[str, BaseException] = {}  # loads that raised, until the engine thread reads the error
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-load",
+        self._executor = ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="adapter-load",
                                             initializer=torch_threads.inline_parallel_ops)
 
     def __contains__(self, key: str) -> bool:
