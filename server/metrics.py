@@ -85,9 +85,11 @@ class Metrics:
 
         # ---- engine thread (names fixed by the engine contract)
         self.adapter_cache_hits = Counter(f"{PREFIX}_adapter_cache_hits",
-                                          "Adapter lookups served from a device slot or the CPU cache", registry=r)
+                                          "Adapter requests admitted whose adapter was in a device slot when they "
+                                          "were first considered", registry=r)
         self.adapter_cache_misses = Counter(f"{PREFIX}_adapter_cache_misses",
-                                            "Adapter lookups that had to read the store", registry=r)
+                                            "Adapter requests that waited for their adapter to be loaded into a "
+                                            "device slot", registry=r)
         self.adapter_loads = Counter(f"{PREFIX}_adapter_loads", "Adapters loaded from the store", registry=r)
         self.adapter_evictions = Counter(f"{PREFIX}_adapter_evictions", "Adapters evicted from slots or the cache",
                                          registry=r)

@@ -181,10 +181,14 @@ def test_slot_wait_and_residency_metrics(loaded, store):
     engine.metrics = metrics = Metrics()
     requests = [engine.make_request([1, 2, 3], greedy(2), adapter=f"lora-{i % 4}") for i in range(8)]
     engine.generate(requests)
+    engine.generate([engine.make_request([1, 2, 3], greedy(2), adapter=f"lora-{i}") for i in range(4)])
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(metrics.render()[0].decode())
                for s in family.samples}
-    assert samples[("adapter_server_adapter_slot_wait_seconds_count", ())] == 8
+    assert samples[("adapter_server_adapter_slot_wait_seconds_count", ())] == 12
+    misses = samples[("adapter_server_adapter_cache_misses_total", ())]
+    assert samples[("adapter_server_adapter_cache_hits_total", ())] + misses == 12
+    assert 4 <= misses <= 8  # every first request of an adapter waited; the last four found theirs resident
     assert samples[("adapter_server_adapter_slot_wait_seconds_sum", ())] > 0  # the first of each adapter waited
     assert samples[("adapter_server_adapters_resident", (("tier", "device"),))] == 4
     assert samples[("adapter_server_adapters_resident", (("tier", "cpu"),))] == 4

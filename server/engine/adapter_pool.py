@@ -163,8 +163,7 @@ class AdapterPool:
             return self._wait(request)
         if self.table.lookup(key) is not None:
             request.slot = self.table.acquire(key).slot
-            self._count("adapter_cache_hits")
-            self._waited(request)
+            self._waited(request, missed=request.request_id in self._waiting_since)
             self._gauge()
             return True
         if not self.table.can_acquire(key):
@@ -176,7 +175,6 @@ class AdapterPool:
         acquired = self.table.acquire(key)
         if acquired.evicted is not None:
             self._count("adapter_evictions")
-        self._count("adapter_cache_misses")
         if self.async_slot_writes and not _needs_model(adapter):
             # the reservation's reference keeps the slot from eviction until the copy is installed
             self._writing[key] = _SlotWrite(acquired.slot, adapter,
@@ -184,7 +182,7 @@ class AdapterPool:
             return self._wait(request)
         self._install(acquired.slot, key, adapter, self._fill(acquired.slot, adapter))
         request.slot = acquired.slot
-        self._waited(request)
+        self._waited(request, missed=True)
         return True
 
     def release(self, request: Request) -> None:
@@ -291,9 +289,11 @@ class AdapterPool:
         self._waiting_since.setdefault(request.request_id, time.monotonic())
         return False
 
-    def _waited(self, request: Request) -> None:
-        """The request got its slot: record how long it waited for it (0 when the adapter was resident)."""
+    def _waited(self, request: Request, missed: bool) -> None:
+        """The request got its slot: count a hit (its adapter was in a slot when it was first considered) or a
+        miss, and record how long it waited (0 when the adapter was resident)."""
         since = self._waiting_since.pop(request.request_id, None)
+        self._count("adapter_cache_misses" if missed else "adapter_cache_hits")
         if self._metrics is not None:
             self._metrics.adapter_slot_wait_seconds.observe(0.0 if since is None else time.monotonic() - since)
 
