@@ -12,7 +12,7 @@
    (``write_slot``), each on one thread whose torch ops run inline, as the server's loading threads run them;
    median of ``--load-repeats``.
 3. One ``adapter-server`` at its default flags (only ``--adapter-dir`` and ``--port`` are given).
-   Base capacity: ``3 x --max-batch`` base requests sent at once, requests/s = count / wall. Then the same
+   Base capacity: ``--capacity-requests`` (32: twice the default batch) base requests sent at once, requests/s = count / wall. Then the same
    open-loop Poisson arrivals at ``--load`` (0.8) x that rate, ``--requests`` requests of ``--new-tokens``
    tokens each, for: 4 adapters (one of each rank, uniform), 1,000 with Zipf popularity (alpha 1, adapters in
    a seeded shuffled order) and 1,000 uniform. Per run: throughput (generated tokens / (last finish - first
@@ -67,7 +67,10 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--load", type=float, default=0.8, help="arrival rate as a share of the base capacity")
+    p.add_argument("--capacity-requests", type=int, default=32, help="base requests sent at once to measure capacity")
     p.add_argument("--load-repeats", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of the three scenarios, order rotated; ratios are "
+                   "medians over rounds of the ratio within a round")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("docs/benchmarks/many_adapters.json"))
     p.add_argument("--work", type=Path, default=None, help="adapters, store and server log (default: a temp dir)")
@@ -251,7 +254,7 @@ def run(args, work: Path) -> dict:
         print("server:", " ".join(argv), flush=True)
         asyncio.run(closed_batch(srv.url, srv.base_model, [RequestSpec(None, prompt(), 8)
                                                             for _ in range(defaults.max_batch)]))  # warm-up
-        n = 3 * defaults.max_batch
+        n = args.capacity_requests
         results, wall = asyncio.run(closed_batch(srv.url, srv.base_model,
                                                  [RequestSpec(None, prompt(), args.new_tokens) for _ in range(n)]))
         capacity = {"requests": n, "wall_s": wall, "req_s": n / wall,
@@ -265,21 +268,32 @@ def run(args, work: Path) -> dict:
         random.Random(args.seed + 1).shuffle(shuffled)
         zipf, pick = Zipf(len(shuffled), 1.0), random.Random(args.seed + 2)
         four = names[:4]  # ranks 8, 16, 32, 64
-        popularity = {
-            "4 adapters, uniform": [four[pick.randrange(4)] for _ in range(args.requests)],
-            f"{args.adapters}, Zipf 1": [shuffled[zipf.sample(pick)] for _ in range(args.requests)],
-            f"{args.adapters}, uniform": [names[pick.randrange(len(names))] for _ in range(args.requests)],
+        draws = {  # each round draws its own adapter sequence (a repeat would find round 1's adapters cached)
+            "4 adapters, uniform": lambda: four[pick.randrange(4)],
+            f"{args.adapters}, Zipf 1": lambda: shuffled[zipf.sample(pick)],
+            f"{args.adapters}, uniform": lambda: names[pick.randrange(len(names))],
         }
-        rows = {name: run_scenario(srv, name, [RequestSpec(a, p, args.new_tokens) for a, p in zip(chosen, prompts)],
-                                   arrivals) for name, chosen in popularity.items()}
-    reference = next(iter(rows))
-    ratios = {name: {"throughput": r["tok_s"] / rows[reference]["tok_s"],
-                     "ttft_p99": r["ttft_p99"] / rows[reference]["ttft_p99"]} for name, r in rows.items()}
+        rounds = []
+        order = list(draws)
+        for r in range(args.rounds):  # rotated order: the machine drifts; ratios are taken within a round
+            popularity = {name: [draw() for _ in range(args.requests)] for name, draw in draws.items()}
+            names_r = order[r % len(order):] + order[:r % len(order)]
+            rounds.append({name: run_scenario(srv, f"round {r + 1} {name}",
+                                              [RequestSpec(a, p, args.new_tokens)
+                                               for a, p in zip(popularity[name], prompts)], arrivals)
+                           for name in names_r})
+    reference = order[0]
+    ratios = {name: {"throughput": statistics.median(rd[name]["tok_s"] / rd[reference]["tok_s"] for rd in rounds),
+                     "ttft_p99": statistics.median(rd[name]["ttft_p99"] / rd[reference]["ttft_p99"] for rd in rounds)}
+              for name in order}
     met = {name: ratio["throughput"] >= TARGETS["throughput_ratio_min"]
            and ratio["ttft_p99"] <= TARGETS["ttft_p99_ratio_max"] for name, ratio in ratios.items()}
-    print(table(load, capacity, rows, reference))
+    for r, rd in enumerate(rounds):
+        print(f"round {r + 1}")
+        print(table(load, capacity, {name: rd[name] for name in order}, reference))
+    print("median ratios to the 4-adapter run:", json.dumps(ratios))
     print("targets met:", json.dumps(met))
-    return {"server_argv": argv, "dtype": dtype, "load_ms": load, "capacity": capacity, "scenarios": rows,
+    return {"server_argv": argv, "dtype": dtype, "load_ms": load, "capacity": capacity, "rounds": rounds,
             "ratios_vs_4": ratios, "targets": TARGETS, "targets_met": met}
 
 
