@@ -4,6 +4,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,3 +221,20 @@ def test_a_store_of_1000_adapters_lists_and_looks_up_without_rereading(tmp_path,
         assert store.get(name).name == name
     assert store.list() == listed and store._parsed[2] is not None
     assert len(parses) == 1
+
+
+def test_the_benchmark_store_holds_every_rank_and_each_adapter_loads(base, tmp_path):
+    """loadtest.bench_many_adapters builds its store by hard links and a direct index: every record must be
+    what the store and the loader see."""
+    from adapters.format import BaseSpec, load_adapter
+    from loadtest.bench_many_adapters import RANKS, adapter_names, build_store, rank_of
+    from transformers import AutoConfig
+
+    root = build_store(base, tmp_path, 12, 2, seed=0)
+    store = AdapterStore(root)
+    assert [r.name for r in store.list()] == adapter_names(12)
+    assert [r.rank for r in store.list()] == [rank_of(n) for n in adapter_names(12)] == list(RANKS) * 3
+    spec = BaseSpec.from_hf_config(AutoConfig.from_pretrained(base), Path(base).name)
+    for name in ("a0003", "a0007"):  # rank 64, two different weight files
+        assert load_adapter(store.path(name), spec, max_rank=64, name=name).rank == 64
+    assert store.get("a0003").sha256 != store.get("a0007").sha256
