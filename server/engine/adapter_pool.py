@@ -192,12 +192,6 @@ class AdapterPool:
         self._waiting_since.pop(request.request_id, None)
         self._gauge()
 
-    def drain_writes(self, timeout: float = 30.0) -> None:
-        """Wait for the slot copies in flight and install them (tests, shutdown paths; never the step loop)."""
-        for write in list(self._writing.values()):
-            write.future.exception(timeout=timeout)
-        self._finish_writes()
-
     @contextmanager
     def mapped(self, rows: list[Request]):
         """Route one forward: the mapping is set for `rows` on entry and cleared on exit, so no routing
