@@ -107,6 +107,26 @@ class AdapterCache:
                 _, dropped = self._entries.popitem(last=False)
                 self._bytes -= dropped.nbytes
 
+    # ---- background threads (never the engine thread: this blocks) ----
+
+    def wait(self, key: str, name: str) -> Adapter:
+        """The adapter, waiting for its load (started here if none is on its way). Raises AdapterLoadFailed."""
+        for _ in range(3):  # a load whose adapter the LRU dropped before it was taken is tried again
+            with self._lock:
+                adapter = self._entries.get(key)
+                if adapter is not None:
+                    self._entries.move_to_end(key)
+                    return adapter
+                error = self._failed.pop(key, None)
+                future = self._loading.get(key)
+                if error is None and future is None:
+                    future = self._loading[key] = self._executor.submit(self._load, key, name)
+            if error is not None:
+                raise AdapterLoadFailed(f"adapter {name!r} could not be loaded: {error}") from error
+            future.result()  # _load records a failure instead of raising
+        raise AdapterLoadFailed(f"adapter {name!r} left the CPU cache before it could be used; raise "
+                                "--adapter-cache-bytes")
+
     # ---- engine thread ----
 
     def get(self, key: str, name: str) -> Adapter | None:
