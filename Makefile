@@ -36,6 +36,12 @@ bench-served: $(STAMP)
 bench-single-stream: $(STAMP)
 	$(PY) -m loadtest.bench_single_stream $(ARGS)
 
+# issue 26: 1,000 LoRAs (ranks 8-64) vs 4 on one default-flags server, Poisson at 80% of base capacity, Zipf and
+# uniform; plus the ms to load one r=16 adapter into a slot (docs/BENCHMARKS.md)
+.PHONY: bench-many-adapters
+bench-many-adapters: $(STAMP)
+	$(PY) -m loadtest.bench_many_adapters $(ARGS)
+
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)
 

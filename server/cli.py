@@ -49,8 +49,12 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--adapter-dir", default=_env("adapter_dir", e.adapter_dir),
                    help="the adapter store (default: <cache dir>/adapters)")
     p.add_argument("--max-adapter-slots", type=int, default=_env("max_adapter_slots", e.max_adapter_slots),
-                   help="distinct adapters resident on the device at once")
+                   help="distinct adapters resident on the device at once (0: as many as --adapter-slot-bytes "
+                        "holds, at least --max-batch)")
     p.add_argument("--max-lora-rank", type=int, default=_env("max_lora_rank", e.max_lora_rank))
+    p.add_argument("--adapter-slot-bytes", type=int, default=_env("adapter_slot_bytes", e.adapter_slot_bytes),
+                   help="device memory for adapter slots, in bytes (sizes the slot count when --max-adapter-slots "
+                        "is 0)")
     p.add_argument("--adapter-cache-bytes", type=int, default=_env("adapter_cache_bytes", e.adapter_cache_bytes),
                    help="CPU cache of loaded adapters, in bytes")
     p.add_argument("--merge-threshold", type=float, default=_env("merge_threshold", e.merge_threshold),
@@ -133,8 +137,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
     a = p.parse_args(argv)
     if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1 or a.max_prefill_tokens < 1:
         p.error("--max-batch, --max-seq-len, --max-waiting and --max-prefill-tokens must be positive")
-    if a.max_upload_bytes < 1 or a.max_adapter_slots < 1 or a.max_lora_rank < 1:
-        p.error("--max-upload-bytes, --max-adapter-slots and --max-lora-rank must be positive")
+    if a.max_upload_bytes < 1 or a.max_lora_rank < 1:
+        p.error("--max-upload-bytes and --max-lora-rank must be positive")
+    if a.max_adapter_slots < 0 or a.adapter_slot_bytes < 0:
+        p.error("--max-adapter-slots and --adapter-slot-bytes must not be negative")
     if a.engine == "vllm" and a.ray:
         p.error("--engine vllm and --ray do not combine: vLLM runs as one worker process of this server; "
                 "use one of them")
@@ -150,6 +156,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
                           max_prefill_tokens=a.max_prefill_tokens,
                           adapter_dir=a.adapter_dir, max_adapter_slots=a.max_adapter_slots,
                           max_lora_rank=a.max_lora_rank, adapter_cache_bytes=a.adapter_cache_bytes,
+                          adapter_slot_bytes=a.adapter_slot_bytes,
                           merge_threshold=a.merge_threshold, unmerge_threshold=a.unmerge_threshold,
                           merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch,
                           engine=a.engine, vllm_python=a.vllm_python)

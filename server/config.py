@@ -16,8 +16,9 @@ class EngineConfig:
     max_prefill_tokens: int = 2048    # padded prompt tokens prefilled per engine step (a longer prompt runs alone)
     seed: int = 0                     # seeds the per-request generators of unseeded requests
     adapter_dir: str | None = None    # the adapter store; None = <cache dir>/adapters
-    max_adapter_slots: int = 8        # device slots: distinct adapters resident at once (slot 0, the identity, extra)
-    max_lora_rank: int = 16           # slot tensors are sized for this rank; higher ranks are refused
+    max_adapter_slots: int = 0        # device slots: distinct adapters resident at once; 0 = from adapter_slot_bytes
+    max_lora_rank: int = 64           # slot tensors are sized for this rank; higher ranks are refused
+    adapter_slot_bytes: int = 1 << 30  # device memory for adapter slots (server.engine.slot_sizing)
     adapter_cache_bytes: int = 1 << 30  # CPU cache of loaded adapters, LRU, bounded in bytes
     # Merge an adapter when its share of running rows stays >= merge_threshold (> 1: never), unmerge it when
     # its share stays below unmerge_threshold. Measured (docs/BENCHMARKS.md, merge sweep, fp32 CPU, batch 16):

@@ -85,9 +85,11 @@ class Metrics:
 
         # ---- engine thread (names fixed by the engine contract)
         self.adapter_cache_hits = Counter(f"{PREFIX}_adapter_cache_hits",
-                                          "Adapter lookups served from a device slot or the CPU cache", registry=r)
+                                          "Adapter requests admitted whose adapter was in a device slot when they "
+                                          "were first considered", registry=r)
         self.adapter_cache_misses = Counter(f"{PREFIX}_adapter_cache_misses",
-                                            "Adapter lookups that had to read the store", registry=r)
+                                            "Adapter requests that waited for their adapter to be loaded into a "
+                                            "device slot", registry=r)
         self.adapter_loads = Counter(f"{PREFIX}_adapter_loads", "Adapters loaded from the store", registry=r)
         self.adapter_evictions = Counter(f"{PREFIX}_adapter_evictions", "Adapters evicted from slots or the cache",
                                          registry=r)
@@ -100,6 +102,16 @@ class Metrics:
         self.merge_events = Counter(f"{PREFIX}_merge_events", "Adapter merges and unmerges", ["action"], registry=r)
         for action in ("merge", "unmerge"):
             self.merge_events.labels(action=action)
+
+        # ---- adapter tiers (issue 26: hundreds of adapters)
+        self.adapter_slot_wait_seconds = Histogram(
+            f"{PREFIX}_adapter_slot_wait_seconds", "From the first time an adapter request could have been admitted "
+            "to its adapter being in a device slot (store read + copy; 0 when resident)", buckets=LOAD_BUCKETS,
+            registry=r)
+        self.adapters_resident = Gauge(f"{PREFIX}_adapters_resident", "Adapters resident per tier (device slots, "
+                                       "CPU cache)", ["tier"], registry=r)
+        for tier in ("device", "cpu"):
+            self.adapters_resident.labels(tier=tier)
 
     def bind_engine(self, engine: Any) -> None:
         """Read queue depth and running batch size from ``engine`` at every scrape."""

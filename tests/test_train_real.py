@@ -60,7 +60,7 @@ def test_min_steps_rule_refuses_nonsense(kwargs, fragment):
 
 
 def test_limits_and_names_come_from_the_server():
-    assert SERVER_MAX_RANK == EngineConfig().max_lora_rank == 16
+    assert SERVER_MAX_RANK == EngineConfig().max_lora_rank == 64
     assert LINEAR_TARGETS is TARGET_MODULES
 
 
@@ -71,9 +71,9 @@ def test_a_rank_the_default_server_refuses_is_warned_before_training(caplog):
             check_rank(TrainConfig(kind=kind, data=Path("x"), out=Path("y"), rank=rank))
         return [r.getMessage() for r in caplog.records]
 
-    assert warnings_for(SERVER_MAX_RANK) == [] and warnings_for(8) == [] and warnings_for(64, "ia3") == []
-    [message] = warnings_for(32)
-    assert "--rank 32 is above 16" in message and "--max-lora-rank 32" in message
+    assert warnings_for(SERVER_MAX_RANK) == [] and warnings_for(8) == [] and warnings_for(128, "ia3") == []
+    [message] = warnings_for(128)
+    assert "--rank 128 is above 64" in message and "--max-lora-rank 128" in message
     with pytest.raises(TrainError, match="--rank must be positive"):
         check_rank(TrainConfig(kind="lora", data=Path("x"), out=Path("y"), rank=0))
 

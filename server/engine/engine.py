@@ -37,7 +37,9 @@ from server.engine.scheduler import Scheduler, StepPlan
 from server.engine import threads as torch_threads
 from server.engine.streams import LoopMailbox, RequestStream
 from server.engine.structured import Grammars
+from server.engine.slot_sizing import SlotPlan, bytes_per_slot, plan_slots
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
+from server.model.adapter_layers import linear_shapes, slot_itemsize
 from server.model.builtin import default_cache_dir
 from server.model.loader import LoadedModel
 
@@ -349,11 +351,21 @@ def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
     return frozenset(ids)
 
 
+def adapter_slot_plan(loaded: LoadedModel, config: EngineConfig) -> SlotPlan:
+    """How many device slots this model gets under the config (server.engine.slot_sizing)."""
+    per_slot = bytes_per_slot(linear_shapes(loaded.model), config.max_lora_rank, slot_itemsize(loaded.model))
+    return plan_slots(per_slot, budget_bytes=config.adapter_slot_bytes, max_batch=config.max_batch,
+                      max_waiting=config.max_waiting, requested=config.max_adapter_slots)
+
+
 def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,
                store: AdapterStore | None) -> AdapterPool:
     """Wrap the model's linears with adapter slots (once per model) and build the tiers over the store."""
     model = loaded.model
-    size = (config.max_adapter_slots, config.max_lora_rank)
+    slots = adapter_slot_plan(loaded, config)
+    log.info("adapter slots: %d of %.1f MB at rank %d (%s; %.0f MB)", slots.num_slots, slots.bytes_per_slot / 1e6,
+             config.max_lora_rank, slots.reason, slots.total_bytes / 1e6)
+    size = (slots.num_slots, config.max_lora_rank)
     installed = getattr(model, "adapter_install", None)
     if installed is not None and installed[2] != size:
         uninstall_adapter_layers(model)
@@ -368,6 +380,6 @@ def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,
     policy = MergePolicy(config.merge_threshold, config.unmerge_threshold, config.merge_patience,
                          config.merge_min_batch) if config.merge_threshold <= 1.0 else None
     return AdapterPool(store, BaseSpec.from_hf_config(loaded.hf_config, loaded.name), layers, mapping,
-                       num_slots=config.max_adapter_slots, max_rank=config.max_lora_rank,
+                       num_slots=slots.num_slots, max_rank=config.max_lora_rank,
                        cpu_cache_bytes=config.adapter_cache_bytes, dtype=loaded.dtype, device=device,
                        merge_policy=policy)

@@ -46,6 +46,7 @@ from server.engine.adapter_pool import version_key
 from server.engine.detokenizer import TokenizerText
 from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
+from server.engine.slot_sizing import slots_without_model
 from server.engine.request import EngineUnavailable, QueueFull, Request, RequestError
 from server.engine.vllm_requests import LoraSnapshots, check_supported, vllm_params
 from server.engine.vllm_stream import VllmRequestStream, dispatch
@@ -109,12 +110,13 @@ class VllmEngineClient(TokenizerText):
     def _launch(self, args, timeout: float) -> None:
         c = self.config
         rank = next((r for r in VLLM_RANKS if r >= c.max_lora_rank), VLLM_RANKS[-1])
+        loras = slots_without_model(c.max_adapter_slots, c.max_batch)
         engine_args = {"model": c.model, "dtype": c.dtype, "max_model_len": self.max_seq_len,
                        "max_num_seqs": c.max_batch, "seed": c.seed, "skip_tokenizer_init": True,
                        "max_num_batched_tokens": max(c.max_batch, min(c.max_prefill_tokens,
                                                                       c.max_batch * self.max_seq_len)),
-                       "enable_lora": True, "max_loras": c.max_adapter_slots, "max_lora_rank": rank,
-                       "max_cpu_loras": 4 * c.max_adapter_slots, "disable_log_stats": True}
+                       "enable_lora": True, "max_loras": loras, "max_lora_rank": rank,
+                       "max_cpu_loras": 4 * loras, "disable_log_stats": True}
         kv_bytes = (2 * args.num_layers * args.num_kv_heads * args.head_dim * self._dtype.itemsize
                     * c.max_batch * self.max_seq_len)
         env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",

@@ -131,11 +131,18 @@ class AdapterLinear(nn.Module):
     # ---- slot state ----
 
     def clear(self, slot: int) -> None:
-        """Reset a slot to the identity."""
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.ia3_out[slot].fill_(1.0)
-        self.ia3_in[slot].fill_(1.0)
+        """Reset a slot to the identity. Only what the slot's adapter wrote is reset: LoRA rows past a slot's
+        rank are always zero (only set_lora writes them, up to the rank it records) and IA3 vectors of slots
+        outside ia3_*_slots are ones, so a slot change costs the adapter's own bytes, not a memset of the whole
+        rank-R slot (40 MB at R = 64 on the default model)."""
+        rank = self.lora_ranks[slot]
+        if rank:
+            self.lora_a[slot, :rank].zero_()
+            self.lora_b[slot, :rank].zero_()
+        if slot in self.ia3_out_slots:
+            self.ia3_out[slot].fill_(1.0)
+        if slot in self.ia3_in_slots:
+            self.ia3_in[slot].fill_(1.0)
         self.lora_rank[slot] = 0
         self.lora_ranks[slot] = 0
         self.ia3_in_slots.discard(slot)
@@ -154,6 +161,10 @@ class AdapterLinear(nn.Module):
         r = int(a.shape[0])
         if r > self.lora_a.shape[1]:
             raise ValueError(f"LoRA rank {r} is above the slots' maximum {self.lora_a.shape[1]}")
+        old = self.lora_ranks[slot]
+        if old > r:  # keep rows past the rank zero (clear relies on it)
+            self.lora_a[slot, r:old].zero_()
+            self.lora_b[slot, r:old].zero_()
         self.lora_a[slot, :r] = a.to(self.lora_a.dtype)
         self.lora_b[slot, :r] = (b * scaling).t().to(self.lora_b.dtype)
         self.lora_rank[slot] = r
@@ -235,6 +246,23 @@ class AdapterLinear(nn.Module):
             weight = weight * self.ia3_out[slot][:, None]
             bias = None if bias is None else bias * self.ia3_out[slot]
         return weight, bias
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """(in_features, out_features) of every linear install_adapter_layers wraps (or has wrapped), for slot sizing."""
+    shapes = []
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGET_MODULES:
+                linear = getattr(parent, name, None)
+                if linear is not None:
+                    shapes.append((linear.in_features, linear.out_features))
+    return shapes
+
+
+def slot_itemsize(model: nn.Module) -> int:
+    """Bytes per element of the slot tensors (the embedding's dtype, as install_adapter_layers allocates)."""
+    return model.model.embed_tokens.weight.element_size()
 
 
 def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:

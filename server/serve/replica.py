@@ -73,7 +73,7 @@ class EngineReplica:
         async def hold(version: str) -> _Resident:
             return _Resident(self._resident, version)
 
-        self._hold = serve.multiplexed(max_num_models_per_replica=engine_config.max_adapter_slots)(hold)
+        self._hold = serve.multiplexed(max_num_models_per_replica=self.engine.adapters.table.num_slots)(hold)
         log.info("replica %s ready (%d torch threads)", self.label, torch.get_num_threads())
 
     async def generate(self, payload: dict):
