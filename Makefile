@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m server.model.cpu_ext
 	touch $(STAMP)
 
-.PHONY: install serve test bench-engine bench-adapters bench-served demo
+.PHONY: install serve test bench-engine bench-adapters bench-served bench-prefix demo
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -30,6 +30,9 @@ bench-adapters: $(STAMP)
 # ARGS=--long-prompt: ITL p99 of running streams while a long prompt joins, with and without chunked prefill
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
+
+bench-prefix: $(STAMP)
+	$(PY) -m loadtest.bench_prefix $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)

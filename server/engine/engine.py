@@ -239,6 +239,7 @@ class Engine(TokenizerText):
 
     def step(self) -> None:
         """One engine step: plan it, run its forwards, then apply what they produced."""
+        self._check_merged()
         plan = self.scheduler.schedule()
         sampled = self.runner.run(plan, self.adapters, self._sampling_of)
         self._postprocess(plan, sampled)
@@ -266,11 +267,16 @@ class Engine(TokenizerText):
             self._finish(self._tracked[chunk.request.request_id], "length")
         if plan.decode is not None:
             self.adapters.observe_step(self.scheduler.running)
-            if self.adapters.merged_slot != self._merged_slot:  # the base's weights changed: cached K/V are stale
-                self._merged_slot = self.adapters.merged_slot
-                self.scheduler.reset_prefix_cache()
+        self._check_merged()
         self._observe_cache()
         self.steps += 1
+
+    def _check_merged(self) -> None:
+        """An adapter merged into the base or unmerged changes the weights every request runs through (by
+        float rounding, also for the rows that subtract it): K/V cached before are not reused after."""
+        if self.adapters.merged_slot != self._merged_slot:
+            self._merged_slot = self.adapters.merged_slot
+            self.scheduler.reset_prefix_cache()
 
     def _cache_salt(self, request: Request) -> str:
         """The identity of the weights a request's K/V are computed with, for prefix-cache keys: its adapter
