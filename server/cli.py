@@ -72,7 +72,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--kv-block-size", type=int, default=_env("kv_block_size", e.kv_block_size),
                    help="cache positions per KV block, a power of two")
     p.add_argument("--kv-cache-bytes", type=int, default=_env("kv_cache_bytes", e.kv_cache_bytes),
-                   help="the KV pool's size in bytes (default 1 GiB: 46,592 positions of the default model in "
+                   help="the KV pool's size in bytes (default 1 GiB: 46,576 positions of the default model in "
                         "bf16, 46 concurrent 1,000-token chats)")
     p.add_argument("--no-prefix-caching", action="store_true",
                    default=os.environ.get("ADAPTER_SERVER_NO_PREFIX_CACHING", "") not in ("", "0")

@@ -31,8 +31,8 @@ class EngineConfig:
     engine: str = "native"            # native (ours) | vllm (LoRA only, vLLM in a worker process: docs/VLLM.md)
     vllm_python: str | None = None    # python of the vLLM worker; None: $ADAPTER_SERVER_VLLM_PYTHON, else .venv-vllm
     # Paged KV cache (server.engine.block_manager): one pool of kv_block_size-position blocks sized by
-    # kv_cache_bytes (1 GiB: 2,912 blocks = 46,592 positions of the default SmolLM2-135M in bf16, 23,040 bytes
-    # a position; never more than max_batch full-length rows), shared by every request; full blocks are
+    # kv_cache_bytes (1 GiB: 2,912 blocks = 46,576 usable positions of the default SmolLM2-135M in bf16,
+    # 23,040 bytes a position; never more than max_batch full-length rows), shared by every request; full blocks are
     # reused across requests of the same weights (prefix caching) unless turned off.
     kv_block_size: int = 16
     kv_cache_bytes: int = 1 << 30
