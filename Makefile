@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m server.model.cpu_ext
 	touch $(STAMP)
 
-.PHONY: install serve test bench-engine bench-adapters bench-served demo
+.PHONY: install serve test bench-engine bench-adapters bench-served bench-prefix demo
 install: $(STAMP)
 
 serve: $(STAMP)
@@ -41,6 +41,11 @@ bench-single-stream: $(STAMP)
 .PHONY: bench-many-adapters
 bench-many-adapters: $(STAMP)
 	$(PY) -m loadtest.bench_many_adapters $(ARGS)
+
+# issue 22: 32 chat clients over 8 adapters with their own system prompts, prefix caching on vs off
+.PHONY: bench-prefix
+bench-prefix: $(STAMP)
+	$(PY) -m loadtest.bench_prefix $(ARGS)
 
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)

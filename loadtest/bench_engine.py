@@ -8,9 +8,10 @@ per second of wall time, prefill included, best of `--repeats`. The engine uses 
 server's default `--max-seq-len` (EngineConfig).
 
 KV micro-benchmark (`--kv-lens`, default S = 64 and 4096): ms per call of
-`KVCache.write_and_read` (index_copy_ of the new tokens' vectors) for a decode step
-(T=1) and a prefill chunk (T=128), B=32 rows, the model's Hkv/D, one layer, against the
-old write (`Tensor.scatter_` into the strided [B, Hkv, S, D] row view) on the same cache.
+`KVCache.write_and_read` (index_copy_ of the new tokens' vectors through block tables into
+the paged pool, then the rows' gather) for a decode step (T=1) and a prefill chunk (T=128),
+B=32 rows, the model's Hkv/D, one layer, against the first contiguous cache's write
+(`Tensor.scatter_` into strided [B, Hkv, S, D] rows, read as a view).
 
     python -m loadtest.bench_engine [--batches 1 8] [--dtypes float32 bfloat16] [--kv-only]
 """
@@ -103,15 +104,14 @@ def bench_engine(path: Path, dtype: torch.dtype, batch: int, new_tokens: int, re
     return batch * new_tokens / best
 
 
-def _old_scatter_write(cache: KVCache, layer: int, rows: slice, cache_pos: torch.Tensor, k: torch.Tensor,
+def _old_scatter_write(rows_k: torch.Tensor, rows_v: torch.Tensor, cache_pos: torch.Tensor, k: torch.Tensor,
                        v: torch.Tensor, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The write KVCache.write_and_read did before: scatter_ into the strided [B, Hkv, S, D] row view."""
+    """The write the contiguous cache did first: scatter_ into its strided [B, Hkv, S, D] rows."""
     b, hkv, t, d = k.shape
-    k_rows, v_rows = cache.k[layer, rows], cache.v[layer, rows]
     index = cache_pos[:, None, :, None].expand(b, hkv, t, d)
-    k_rows.scatter_(2, index, k.to(k_rows.dtype))
-    v_rows.scatter_(2, index, v.to(v_rows.dtype))
-    return k_rows[:, :, :kv_len], v_rows[:, :, :kv_len]
+    rows_k.scatter_(2, index, k.to(rows_k.dtype))
+    rows_v.scatter_(2, index, v.to(rows_v.dtype))
+    return rows_k[:, :, :kv_len], rows_v[:, :, :kv_len]
 
 
 def _ms_per_call(fn, min_seconds: float, min_calls: int = 3, max_calls: int = 500) -> float:
@@ -128,22 +128,23 @@ def _ms_per_call(fn, min_seconds: float, min_calls: int = 3, max_calls: int = 50
 
 def bench_kv_write(dtype: torch.dtype, seq_len: int, new_tokens: int, batch: int = 32,
                    min_seconds: float = 0.3) -> dict:
-    """ms per KV write of `new_tokens` tokens per row at the end of an S=`seq_len` cache: ours vs old scatter_."""
+    """ms per KV write (and read back) of `new_tokens` tokens per row at the end of an S=`seq_len` row: ours
+    (index_copy_ through block tables into the paged pool, then the rows' gather) vs the first contiguous
+    cache's scatter_ into [B, Hkv, S, D] rows (a view read)."""
     hkv = MODEL_CONFIG["num_key_value_heads"]
     d = MODEL_CONFIG["hidden_size"] // MODEL_CONFIG["num_attention_heads"]
     t = min(new_tokens, seq_len)
     cache = KVCache(1, batch, hkv, seq_len, d, dtype)
+    rows_k, rows_v = (torch.zeros(batch, hkv, seq_len, d, dtype=dtype) for _ in range(2))
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(batch, hkv, t, d, generator=gen).to(dtype) for _ in range(2))
     pos = torch.arange(seq_len - t, seq_len)[None, :].expand(batch, t).contiguous()
-    rows = slice(0, batch)
-    ours = lambda: cache.write_and_read(0, rows, cache.flat_index(rows, pos), k, v, seq_len)  # noqa: E731
-    old = lambda: _old_scatter_write(cache, 0, rows, pos, k, v, seq_len)  # noqa: E731
-    ours()
-    written = cache.k[0, :, :, seq_len - t:].clone()
-    cache.k.zero_()
+    tables = cache.tables_of_rows(slice(0, batch))
+    ours = lambda: cache.write_and_read(0, tables, cache.flat_index(tables, pos), k, v, seq_len)  # noqa: E731
+    old = lambda: _old_scatter_write(rows_k, rows_v, pos, k, v, seq_len)  # noqa: E731
+    keys, _ = ours()
     old()
-    assert torch.equal(written, cache.k[0, :, :, seq_len - t:]), "the two writes disagree"
+    assert torch.equal(keys, rows_k), "the two writes disagree"
     ours_ms, old_ms = _ms_per_call(ours, min_seconds), _ms_per_call(old, min_seconds)
     return {"dtype": str(dtype).removeprefix("torch."), "S": seq_len, "T": t, "B": batch, "Hkv": hkv, "D": d,
             "index_copy_ms": round(ours_ms, 4), "scatter_ms": round(old_ms, 4), "speedup": round(old_ms / ours_ms, 1)}

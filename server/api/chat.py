@@ -13,7 +13,7 @@ from server.api.tenancy import view_or_none
 from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
 from server.api.protocol import AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, \
-    ChatMessage, ChoiceLogprobs, TokenLogprob, TopLogprob, Usage
+    ChatMessage, ChoiceLogprobs, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 from server.api.streaming import StreamState, stream_events
 from server.engine.request import RequestOutput
 
@@ -78,9 +78,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                           logprobs=chat_logprobs(engine, outputs) if body.logprobs else None)
                for index, outputs in enumerate(results)]
     completion_tokens = sum(outputs[-1].completion_tokens for outputs in results)
+    cached = sum(outputs[-1].cached_tokens for outputs in results)
     return ChatCompletionResponse(model=model, choices=choices,
                                   usage=Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens,
-                                              total_tokens=len(prompt) + completion_tokens))
+                                              total_tokens=len(prompt) + completion_tokens,
+                                              prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)))
 
 
 class _ChatStream(StreamState):

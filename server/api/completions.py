@@ -12,7 +12,8 @@ from server.api.errors import APIError
 from server.api.tenancy import view_or_none
 from server.api.generation import ClientDisconnected, Generation, collect, make_requests, resolve_target, \
     sampling_params
-from server.api.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, Usage
+from server.api.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse,
+                                 PromptTokensDetails, Usage)
 from server.api.streaming import StreamState, stream_events
 from server.engine.request import RequestOutput
 
@@ -173,9 +174,11 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Serv
                                         finish_reason=outputs[-1].finish_reason, logprobs=logprobs))
     prompt_tokens = sum(len(ids) for ids in prompts)
     completion_tokens = sum(outputs[-1].completion_tokens for outputs in results)
+    cached = sum(outputs[-1].cached_tokens for outputs in results)
     return CompletionResponse(model=model, choices=choices,
                               usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                          total_tokens=prompt_tokens + completion_tokens))
+                                          total_tokens=prompt_tokens + completion_tokens,
+                                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached)))
 
 
 class _CompletionStream(StreamState):

@@ -16,7 +16,7 @@ from server.api.protocol_generation import (  # noqa: F401  (re-exported)
     SEED_RANGE, AssistantMessage, ChatChoice, ChatCompletionRequest,
     ChatCompletionResponse, ChatMessage, ChoiceLogprobs, CompletionChoice, CompletionLogprobs, CompletionRequest,
     CompletionResponse, Prompt, SamplingFields, StreamOptions, TextPart, TokenId, TokenLogprob, TopLogprob, Usage,
-    _check_unicode, _drop_nulls)
+    PromptTokensDetails, _check_unicode, _drop_nulls)
 
 
 class TokenizeRequest(BaseModel):

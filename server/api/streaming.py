@@ -38,6 +38,7 @@ class StreamState:
         self.prompt_tokens = prompt_tokens
         self.created = int(time.time())
         self.completion_tokens = [0] * len(requests)
+        self.cached_tokens = [0] * len(requests)
 
     def envelope(self, choices: list[dict]) -> dict:
         chunk = {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": choices}
@@ -57,7 +58,8 @@ class StreamState:
         completion = sum(self.completion_tokens)
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model, "choices": [],
                 "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                          "total_tokens": self.prompt_tokens + completion}}
+                          "total_tokens": self.prompt_tokens + completion,
+                          "prompt_tokens_details": {"cached_tokens": sum(self.cached_tokens)}}}
 
 
 def stream_events(http_request: HTTPRequest, state: StreamState, generation: Generation) -> EventStreamResponse:
@@ -71,6 +73,7 @@ def stream_events(http_request: HTTPRequest, state: StreamState, generation: Gen
                     yield event(chunk)
             async for index, output in generation.events():
                 state.completion_tokens[index] = output.completion_tokens
+                state.cached_tokens[index] = output.cached_tokens
                 for chunk in state.update(index, output):
                     yield event(chunk)
             if state.include_usage:

@@ -28,6 +28,7 @@ from adapters.format import AdapterError, BaseSpec
 from adapters.store import AdapterStore
 from server.config import EngineConfig
 from server.engine.adapter_pool import AdapterPool, version_key
+from server.engine.block_manager import BlockManager
 from server.engine.merge_policy import MergePolicy
 from server.engine.detokenizer import IncrementalDetokenizer, TokenizerText
 from server.engine.request import QueueFull, Request, RequestError, RequestOutput, SamplingParams, Status
@@ -41,6 +42,7 @@ from server.engine.slot_sizing import SlotPlan, bytes_per_slot, plan_slots
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from server.model.adapter_layers import linear_shapes, slot_itemsize
 from server.model.builtin import default_cache_dir
+from server.model.kv_cache import KVCache
 from server.model.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -76,14 +78,23 @@ class Engine(TokenizerText):
         self.config = config
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
-        self.max_seq_len = min(config.max_seq_len, loaded.model.args.max_position_embeddings)
+        args = loaded.model.args
+        self.max_seq_len = min(config.max_seq_len or args.max_position_embeddings, args.max_position_embeddings)
         self.vocab_size = loaded.model.args.vocab_size
         self.eos_token_ids = _eos_ids(loaded)
         self.grammars = Grammars(loaded.tokenizer, self.vocab_size, self.eos_token_ids)
-        self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device)
+        # paged KV: the pool's blocks, from its byte budget (a request never needs more than the pool)
+        num_blocks = kv_pool_blocks(config, args, loaded.model.model.embed_tokens.weight.dtype, self.max_seq_len)
+        self.max_seq_len = min(self.max_seq_len, (num_blocks - 1) * config.kv_block_size)
+        self.runner = ModelRunner(loaded.model, config.max_batch, self.max_seq_len, device, num_blocks=num_blocks,
+                                  block_size=config.kv_block_size)
         self.adapters = _make_pool(loaded, config, torch.device(device), store)
+        self._generations: dict[str, int] = {}  # adapter name -> times overwritten or deleted (prefix-cache keys)
         self.scheduler = Scheduler(config.max_batch, config.max_waiting, self.adapters.try_acquire,
-                                   config.max_prefill_tokens, self.max_seq_len)
+                                   config.max_prefill_tokens, self.max_seq_len,
+                                   blocks=BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching),
+                                   cache_salt=self._cache_salt, on_preempt=self.adapters.release)
+        self._merged_slot = 0
         self._metrics = None
         self._tracked: dict[str, _Tracked] = {}
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -205,6 +216,7 @@ class Engine(TokenizerText):
                     for tracked in list(self._tracked.values()):
                         if tracked.request.status is Status.RUNNING:
                             self._finish(tracked, "error", error=f"internal error: {exc}")
+                    self.scheduler.reset_prefix_cache()  # blocks of the failed step may hold anything
                 self._deliver()
 
     def _deliver(self) -> None:
@@ -229,6 +241,7 @@ class Engine(TokenizerText):
 
     def step(self) -> None:
         """One engine step: plan it, run its forwards, then apply what they produced."""
+        self._check_merged()
         plan = self.scheduler.schedule()
         sampled = self.runner.run(plan, self.adapters, self._sampling_of)
         self._postprocess(plan, sampled)
@@ -242,7 +255,10 @@ class Engine(TokenizerText):
         for request, message in plan.failed:
             self._finish(self._tracked[request.request_id], "error", error=message)
         for request, entries in out.prompt_logprobs:
-            self._tracked[request.request_id].prompt_logprobs.extend(entries)
+            tracked = self._tracked[request.request_id]
+            if entries and entries[0] is None:  # a first chunk: a prefill restarted after a preemption starts over
+                tracked.prompt_logprobs = []
+            tracked.prompt_logprobs.extend(entries)
         now = time.monotonic()
         for s in out.sampled:
             if s.request.first_token_time is None:
@@ -253,7 +269,32 @@ class Engine(TokenizerText):
             self._finish(self._tracked[chunk.request.request_id], "length")
         if plan.decode is not None:
             self.adapters.observe_step(self.scheduler.running)
+        self._check_merged()
+        self._observe_cache()
         self.steps += 1
+
+    def _check_merged(self) -> None:
+        """An adapter merged into the base or unmerged changes the weights every request runs through (by
+        float rounding, also for the rows that subtract it): K/V cached before are not reused after."""
+        if self.adapters.merged_slot != self._merged_slot:
+            self._merged_slot = self.adapters.merged_slot
+            self.scheduler.reset_prefix_cache()
+
+    def _cache_salt(self, request: Request) -> str:
+        """The identity of the weights a request's K/V are computed with, for prefix-cache keys: its adapter
+        (or composition) version key, names the stored versions and weights, and every member's count of
+        overwrites/deletes in this process (a reloaded adapter never shares keys with the one it replaced)."""
+        if request.adapter_version is None:
+            return ""
+        names = [m.name for m in request.composition.members] if request.composition is not None else [request.adapter]
+        return request.adapter_version + "#" + ",".join(str(self._generations.get(n, 0)) for n in names)
+
+    def _observe_cache(self) -> None:
+        if self._metrics is None:
+            return
+        stats, blocks = self.scheduler.stats, self.scheduler.blocks
+        self._metrics.observe_kv_cache(stats.queried_tokens, stats.hit_tokens, stats.preemptions,
+                                       blocks.num_used, blocks.usable)
 
     def _append(self, tracked: _Tracked, token: int, logprob) -> None:
         request, params = tracked.request, tracked.request.params
@@ -270,7 +311,8 @@ class Engine(TokenizerText):
             text += tracked.detokenizer.add([], final=True)
         tracked.emit(RequestOutput(request.request_id, [token], text, [logprob] if logprob else None,
                                    reason is not None, reason, len(request.prompt_token_ids),
-                                   len(request.output_token_ids), prompt_logprobs=tracked.take_prompt_logprobs()))
+                                   len(request.output_token_ids), prompt_logprobs=tracked.take_prompt_logprobs(),
+                                   cached_tokens=request.num_cached_prompt_tokens))
         if reason is not None:
             self._retire(tracked, reason)
 
@@ -279,14 +321,15 @@ class Engine(TokenizerText):
         request = tracked.request
         tracked.emit(RequestOutput(request.request_id, [], "", None, True, reason, len(request.prompt_token_ids),
                                    len(request.output_token_ids), error,
-                                   prompt_logprobs=None if error else tracked.take_prompt_logprobs()))
+                                   prompt_logprobs=None if error else tracked.take_prompt_logprobs(),
+                                   cached_tokens=request.num_cached_prompt_tokens))
         self._retire(tracked, reason)
 
     def _retire(self, tracked: _Tracked, reason: str) -> None:
         request = tracked.request
         request.finish_reason = reason
         if request.status is not Status.FINISHED:
-            self.runner.apply_moves(self.scheduler.remove(request))
+            self.scheduler.remove(request)
         self.adapters.release(request)
         self._tracked.pop(request.request_id, None)
 
@@ -315,7 +358,9 @@ class Engine(TokenizerText):
         self.adapters.validate(path, name)
 
     def invalidate_adapter(self, name: str) -> None:
-        """The stored adapter changed or went away: new requests must not use cached copies."""
+        """The stored adapter changed or went away: new requests must not use cached copies (nor K/V cached
+        for its old version)."""
+        self._generations[name] = self._generations.get(name, 0) + 1
         self.adapters.invalidate(name)
         self._wake.set()
 
@@ -356,6 +401,19 @@ def adapter_slot_plan(loaded: LoadedModel, config: EngineConfig) -> SlotPlan:
     per_slot = bytes_per_slot(linear_shapes(loaded.model), config.max_lora_rank, slot_itemsize(loaded.model))
     return plan_slots(per_slot, budget_bytes=config.adapter_slot_bytes, max_batch=config.max_batch,
                       max_waiting=config.max_waiting, requested=config.max_adapter_slots)
+
+
+def kv_pool_blocks(config: EngineConfig, args, dtype: torch.dtype, max_seq_len: int) -> int:
+    """Blocks of the paged KV pool (block 0 the null block): as many as --kv-cache-bytes holds, but no more than
+    --max-batch full-length rows use (a small model would otherwise allocate the whole budget for nothing)."""
+    if config.kv_block_size < 1 or config.kv_block_size & (config.kv_block_size - 1):
+        raise ValueError(f"--kv-block-size must be a power of two, got {config.kv_block_size}")
+    per_block = KVCache.bytes_per_block(args.num_layers, args.num_kv_heads, args.head_dim, config.kv_block_size, dtype)
+    by_bytes = config.kv_cache_bytes // per_block
+    if by_bytes < 2:
+        raise ValueError(f"--kv-cache-bytes {config.kv_cache_bytes} holds {by_bytes} blocks of {per_block} bytes; "
+                         "the pool needs at least 2")
+    return min(by_bytes, config.max_batch * -(-max_seq_len // config.kv_block_size) + 1)
 
 
 def _make_pool(loaded: LoadedModel, config: EngineConfig, device: torch.device,

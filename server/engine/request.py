@@ -162,6 +162,7 @@ class RequestOutput:
     error: str | None = None
     # on a request's first output, when asked: one entry per prompt token (the first None: nothing precedes it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
 
 _ids = itertools.count()
@@ -185,6 +186,13 @@ class Request:
     slot: int = 0                        # device slot while running (0 = no adapter)
     num_computed: int = 0                # prompt tokens already prefilled (or scheduled in this step's plan)
     grammar: object | None = None        # compiled response_format grammar (opaque here; the engine's)
+    # paged KV cache (server.engine.block_manager, owned by the scheduler)
+    block_ids: list[int] = field(default_factory=list)   # the request's blocks, in cache-position order
+    block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks
+    cache_salt: str = ""                 # the weights' identity in those keys (adapter version, ...)
+    cache_epoch: int = 0                 # the scheduler's cache epoch at admission (keys of older ones are dropped)
+    num_cache_hit: int = 0               # cache positions served from the prefix cache at its last admission
+    num_resumed: int = 0                 # output tokens recomputed as prompt after a preemption
 
     @property
     def num_tokens(self) -> int:
@@ -192,14 +200,32 @@ class Request:
         return self.prefix_len + len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def num_fill(self) -> int:
+        """Tokens fed by prefill: the prompt, and after a preemption the outputs but the newest."""
+        return len(self.prompt_token_ids) + self.num_resumed
+
+    def fill_token_ids(self, start: int, stop: int) -> list[int]:
+        """Prefill tokens start..stop-1 (prompt, then resumed outputs)."""
+        n = len(self.prompt_token_ids)
+        if stop <= n:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:n] + self.output_token_ids[max(start - n, 0):stop - n]
+
+    @property
     def prefilling(self) -> bool:
-        return self.num_computed < len(self.prompt_token_ids)
+        return self.num_computed < self.num_fill
 
     @property
     def prompt_remaining(self) -> int:
-        return len(self.prompt_token_ids) - self.num_computed
+        return self.num_fill - self.num_computed
+
+    @property
+    def num_cached_prompt_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (OpenAI's usage.prompt_tokens_details.cached_tokens)."""
+        return min(max(0, self.num_cache_hit - self.prefix_len), len(self.prompt_token_ids))
 
     @property
     def num_cached(self) -> int:
-        """Cache positions that hold this request's K/V (prefix, prefilled prompt, fed outputs; at most one more)."""
-        return self.prefix_len + self.num_computed + len(self.output_token_ids)
+        """Cache positions whose K/V are computed once the planned work has run (prefix, prefilled tokens, fed
+        outputs; the newest output is fed by the next decode)."""
+        return self.prefix_len + self.num_computed + max(0, len(self.output_token_ids) - self.num_resumed - 1)

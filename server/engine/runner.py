@@ -1,11 +1,15 @@
-"""The model runner: executes a step plan as forward passes over the KV cache, then samples.
+"""The model runner: executes a step plan as forward passes over the paged KV cache, then samples.
 
 Two kinds of forward per engine step:
-- prefill: prompt chunks on consecutive rows (right-padded to the longest, T tokens),
-  each written into its cache row after any prefix K/V and earlier chunks already
-  there; logits of each chunk's last token only;
-- decode: rows 0..B-1 feed one token each (T = 1); rows are packed so the cache is
-  read as a view, with a [B, 1, 1, L] mask that stops each row at its own length.
+- prefill: prompt chunks (right-padded to the longest, T tokens), each written through
+  its request's block table after any prefix K/V and earlier chunks already there;
+  logits of each chunk's last token only;
+- decode: every decoding request feeds one token (T = 1), attending through its block
+  table with a [B, 1, 1, L] mask that stops each row at its own length.
+
+A request's block table [M] is its `block_ids` padded with the null block (0) to the
+forward's widest row, so a padding token's K/V lands in the null block (or past its
+row's length in its own last block, where its own later tokens overwrite it).
 
 The adapter routing of each forward is set on entry and cleared on exit
 (`AdapterPool.mapped`): nothing stays active between forwards.
@@ -20,8 +24,9 @@ import torch
 
 from server.engine.request import Request, TokenLogprob
 from server.engine.sampling import RowSampling, sample, token_logprobs
-from server.engine.scheduler import PrefillChunk, RowMove, StepPlan
-from server.model.kv_cache import KVCache
+from server.engine.block_manager import NULL_BLOCK
+from server.engine.scheduler import PrefillChunk, StepPlan
+from server.model.kv_cache import DEFAULT_BLOCK_SIZE, KVCache
 from server.model.llama import FlatStep, StepInputs, Transformer
 
 
@@ -41,11 +46,11 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class _Part:
-    """Rows of one forward group: ids [b][t] (padded), cache rows, cache_pos/rope_pos [b, t], the row-major
-    token indices whose logits are wanted, and each row's request (for adapter routing)."""
+    """Rows of one forward group: ids [b][t] (padded), block tables [b, M], cache_pos/rope_pos [b, t], the
+    row-major token indices whose logits are wanted, and each row's request (for adapter routing)."""
 
     ids: list[list[int]]
-    rows: slice
+    tables: torch.Tensor
     cache_pos: torch.Tensor
     rope_pos: torch.Tensor
     wanted: list[int]
@@ -76,13 +81,19 @@ def _score_chunk(chunk: PrefillChunk, logits: torch.Tensor) -> list[TokenLogprob
 
 class ModelRunner:
     def __init__(self, model: Transformer, max_batch: int, max_seq_len: int, device: torch.device | str = "cpu",
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, num_blocks: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
+        """num_blocks: the pool's blocks (block 0 the null block); None: max_batch full-length rows and the
+        null block."""
         args = model.args
         self.model = model
         self.device = torch.device(device)
         dtype = cache_dtype or model.model.embed_tokens.weight.dtype
+        if num_blocks is None:
+            num_blocks = max_batch * -(-max_seq_len // block_size) + 1
         self.cache = KVCache(args.num_layers, max_batch, args.num_kv_heads, max_seq_len, args.head_dim, dtype,
-                             self.device)
+                             self.device, block_size=block_size, num_blocks=num_blocks)
+        self.block_size = block_size
         self.max_seq_len = max_seq_len
         self.sliding_window = args.sliding_window
 
@@ -105,15 +116,23 @@ class ModelRunner:
         out = StepOutput()
         for group in plan.prefill:
             for chunk in group:
-                prefix = adapters.prefix_for(chunk.request) if chunk.first else None
+                # a prefix whose blocks came from the prefix cache is there already (the cache hit covers it)
+                prefix = adapters.prefix_for(chunk.request) if chunk.first and not chunk.request.num_cache_hit else None
                 if prefix is not None:
-                    self.cache.write_prefix(chunk.row, *prefix)
-        scored = [{i for i, c in enumerate(g) if c.request.params.prompt_logprobs is not None} for g in plan.prefill]
-        parts = [self._prefill_part(g[0].row, [c.token_ids for c in g], [c.start for c in g], s, [c.request for c in g])
-                 for g, s in zip(plan.prefill, scored)]
+                    table = torch.tensor(chunk.request.block_ids, dtype=torch.long, device=self.device)
+                    self.cache.write_prefix(table, *prefix)
+        scored = [{i for i, c in enumerate(g) if c.request.params.prompt_logprobs is not None and not c.resumed}
+                  for g in plan.prefill]
+        parts = []
+        for g, s in zip(plan.prefill, scored):
+            starts = [c.start for c in g]
+            t = max(len(c.token_ids) for c in g)
+            tables = self._tables([c.request for c in g], max(starts) + t)
+            parts.append(self._prefill_part(tables, [c.token_ids for c in g], starts, s, [c.request for c in g]))
         decode = plan.decode
         if decode is not None:
-            parts.append(self._decode_part(decode.token_ids, decode.positions, decode.requests))
+            tables = self._tables(decode.requests, max(decode.positions) + 1)
+            parts.append(self._decode_part(tables, decode.token_ids, decode.positions, decode.requests))
         if not parts:
             return out
         blocks = self._forward(parts, adapters)  # [K_i, V] per part
@@ -126,7 +145,7 @@ class ModelRunner:
                 block, offset = flat[offset:offset + n], offset + n  # [n, V]
                 if i in group_scored:
                     out.prompt_logprobs.append((chunk.request, _score_chunk(chunk, block)))
-                if chunk.last and chunk.request.params.max_tokens != 0:
+                if chunk.last and not chunk.resumed and chunk.request.params.max_tokens != 0:
                     rows.append(chunk.request)
                     logits.append(block[-1:])
         if decode is not None:
@@ -139,33 +158,39 @@ class ModelRunner:
             out.sampled = [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
         return out
 
-    def _prefill_part(self, first_row: int, prompts: list[list[int]], starts: list[int], every_token: set[int],
+    def _tables(self, requests: list[Request], positions: int) -> torch.Tensor:
+        """[B, M] the requests' block tables, wide enough for cache positions 0..positions-1, padded with
+        the null block."""
+        width = -(-positions // self.block_size)
+        return torch.tensor([r.block_ids[:width] + [NULL_BLOCK] * (width - len(r.block_ids)) for r in requests],
+                            dtype=torch.long, device=self.device)
+
+    def _prefill_part(self, tables: torch.Tensor, prompts: list[list[int]], starts: list[int], every_token: set[int],
                       requests: list | None = None) -> _Part:
-        """N prompts right-padded to the longest, T, written at cache positions starts[i].. of rows
-        first_row..: a padding token's K/V lands past its row's length, where that row's own later tokens
-        overwrite it before any query reads it (the mask stops every query at its own position). Logits are
-        wanted of each prompt's last token, or of all its tokens if its index is in every_token. The caller
-        keeps starts[i] + T within the cache (`plan_prefill`)."""
+        """N prompts right-padded to the longest, T, written at cache positions starts[i].. through block
+        tables [N, M] (M blocks cover starts[i] + T): a padding token's K/V lands past its row's length,
+        where that row's own later tokens overwrite it before any query reads it, or in the null block
+        (the mask stops every query at its own position). Logits are wanted of each prompt's last token,
+        or of all its tokens if its index is in every_token."""
         t = max(len(p) for p in prompts)
         ids = [p + [0] * (t - len(p)) for p in prompts]
         cache_pos = torch.tensor(starts, dtype=torch.long, device=self.device)[:, None] + torch.arange(
             t, device=self.device)  # [N, T]
         wanted = [i * t + j for i, p in enumerate(prompts)
                   for j in (range(len(p)) if i in every_token else (len(p) - 1,))]
-        return _Part(ids, slice(first_row, first_row + len(prompts)), cache_pos, cache_pos, wanted, requests)
+        return _Part(ids, tables, cache_pos, cache_pos, wanted, requests)
 
-    def _decode_part(self, token_ids: list[int], positions: list[int], requests: list | None = None,
-                     rope_positions: list[int] | None = None) -> _Part:
-        """Rows 0..B-1 feed one token each at their cache positions; logits of every row."""
+    def _decode_part(self, tables: torch.Tensor, token_ids: list[int], positions: list[int],
+                     requests: list | None = None, rope_positions: list[int] | None = None) -> _Part:
+        """B rows (block tables [B, M]) feed one token each at their cache positions; logits of every row."""
         cache_pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
         rope = cache_pos if rope_positions is None else torch.tensor(rope_positions, device=self.device)[:, None]
-        return _Part([[t] for t in token_ids], slice(0, len(token_ids)), cache_pos, rope,
-                     list(range(len(token_ids))), requests)
+        return _Part([[t] for t in token_ids], tables, cache_pos, rope, list(range(len(token_ids))), requests)
 
     def _step_inputs(self, part: _Part, start: int = 0) -> StepInputs:
         kv_len = int(part.cache_pos.max()) + 1
-        return StepInputs(self.cache, part.rows, part.rope_pos, part.cache_pos, kv_len,
-                          self._mask(part.cache_pos, kv_len), start=start)
+        return StepInputs(self.cache, None, part.rope_pos, part.cache_pos, kv_len,
+                          self._mask(part.cache_pos, kv_len), start=start, block_tables=part.tables)
 
     def _forward(self, parts: list[_Part], adapters=None) -> list[torch.Tensor]:
         """Logits [len(part.wanted), V] for each part: one padded [B, T] forward for a single part, else one
@@ -193,17 +218,18 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int],
                 every_token: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
-        """Feed N prompts into cache rows first_row..first_row+N-1 in one forward (see `_prefill_part`);
-        returns logits [K, V]: for each prompt in order, of its last token, or of all its tokens if its index
-        is in every_token (so K = N when every_token is empty). The caller sets the adapter mapping."""
-        return self._forward([self._prefill_part(first_row, prompts, starts, set(every_token))])[0]
+        """Feed N prompts into cache rows first_row..first_row+N-1 (the pool's fixed row tables: the offline
+        API, while the engine is not scheduling) in one forward (see `_prefill_part`); returns logits [K, V]:
+        for each prompt in order, of its last token, or of all its tokens if its index is in every_token (so
+        K = N when every_token is empty). The caller sets the adapter mapping."""
+        tables = self.cache.tables_of_rows(slice(first_row, first_row + len(prompts)))
+        return self._forward([self._prefill_part(tables, prompts, starts, set(every_token))])[0]
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], cache_positions: list[int], rope_positions: list[int] | None = None
                ) -> torch.Tensor:
-        """Feed one token per running row (rows 0..B-1); returns logits [B, V]. The caller sets the mapping."""
-        return self._forward([self._decode_part(token_ids, cache_positions, rope_positions=rope_positions)])[0]
-
-    def apply_moves(self, moves: list[RowMove]) -> None:
-        for move in moves:
-            self.cache.move_row(move.src, move.dst, move.length)
+        """Feed one token per row 0..B-1 (the pool's fixed row tables, as `prefill`); returns logits [B, V].
+        The caller sets the mapping."""
+        tables = self.cache.tables_of_rows(slice(0, len(token_ids)))
+        return self._forward([self._decode_part(tables, token_ids, cache_positions,
+                                                rope_positions=rope_positions)])[0]

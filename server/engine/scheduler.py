@@ -1,32 +1,36 @@
-"""Continuous-batching scheduler: what runs this step, as a plan of plain data (pure Python, no torch).
+"""Continuous-batching scheduler over the paged KV cache: what runs this step, as a plan of plain data
+(pure Python, no torch).
 
-Running requests are packed: `running[i]` owns KV-cache row i. When a request
-leaves, the last running request moves into its row, and the move is reported so
-the runner can copy that row's cache (`RowMove`). Waiting requests are admitted
-in arrival order whenever a row is free and `can_admit` agrees (the adapter pool
-uses it to hold a request until its adapter has a device slot; it raises
-`AdmissionFailed` when the request can never run, e.g. its adapter's files are
-broken); a request that cannot be admitted yet does not block the ones behind it.
+Every running request holds a block table (`Request.block_ids`, from the `BlockManager`); `running` is in
+admission order (oldest first) and `running[i]`'s chunks carry row i (the forwards group chunks of
+consecutive rows). Each step:
 
-Chunked prefill: a step prefills at most `prefill_budget` padded prompt tokens
-(chunks fed together are padded to the longest). A prompt longer than what is
-left is cut into chunks, one per step, that interleave with decode steps, so a
-long prompt never stalls the running rows for its whole prefill. Prompts already
-being prefilled go first, then new admissions in FIFO order; admission stops at
-the first request that does not fit (so a long prompt is never overtaken for
-good); the step's first chunk is always taken, cut to the budget.
+1. full blocks computed by earlier steps are keyed into the prefix cache (`_commit`);
+2. running requests, oldest first, reserve the blocks of this step's work: a prefill chunk (under the
+   budget) or one decoded token. When the pool is out of blocks, the most recently admitted running
+   request is preempted: its blocks are freed (its computed full blocks stay cached), it goes back to the
+   front of the queue with its tokens, and when readmitted it recomputes prompt + outputs but the newest
+   as a prompt (`Request.num_resumed`) whose last chunk samples nothing, then decodes on;
+3. if nothing was preempted and no running prompt was held back, waiting requests are admitted in arrival
+   order: each reuses the longest chain of cached blocks of its tokens (prefix caching), and is admitted
+   when the rows, the prefill budget, the free blocks for its first chunk and `can_admit` all agree (the
+   adapter pool uses it to hold a request until its adapter has a device slot; it raises
+   `AdmissionFailed` when the request can never run). Admission stops at the first request that does not
+   fit the budget or the blocks (so a long prompt is never overtaken for good); one held back by
+   `can_admit` does not block the ones behind it.
+
+Chunked prefill: a step prefills at most `prefill_budget` padded prompt tokens (chunks fed together are
+padded to the longest). A prompt longer than what is left is cut into chunks, one per step, that
+interleave with decode steps; the step's first chunk is always taken, cut to the budget.
 
 A step's plan (`StepPlan`) holds:
-- prefill: forwards, each a list of chunks on consecutive rows (`plan_prefill`
-  splits where a padded row would run past the cache end);
-- decode: rows 0..B-1 fed one token each. B is one past the last row that has a
-  token to decode; a row still in prefill below it gets a placeholder token at
-  the position its next own token will overwrite, and is not sampled (so the
-  decode forward keeps reading the cache as one contiguous view);
+- prefill: forwards, each a list of chunks on consecutive rows (`plan_prefill` splits where a padded row
+  would run past the longest context);
+- decode: the requests that feed one token each (their newest output);
 - failed: requests that can never be admitted, with the client-facing message.
 
-Rows whose prompt completes this step get their first token from the prefill
-logits and decode from the next step on.
+Rows whose prompt completes this step get their first token from the prefill logits and decode from the
+next step on.
 """
 from __future__ import annotations
 
@@ -34,14 +38,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from server.engine.block_manager import VIRTUAL, BlockManager, block_keys
 from server.engine.request import AdmissionFailed, QueueFull, Request, Status
 
-
-@dataclass(frozen=True)
-class RowMove:
-    src: int
-    dst: int
-    length: int  # cache positions to copy
+DEFAULT_BLOCK_SIZE = 16  # cache positions per KV block (--kv-block-size): vLLM's default
 
 
 @dataclass(frozen=True)
@@ -50,16 +50,17 @@ class PrefillChunk:
     row: int
     start: int              # cache position of the chunk's first token (after prefix K/V and earlier chunks)
     token_ids: list[int]
-    first: bool             # the request's first chunk: its prefix K/V is written before it
+    first: bool             # the request's first chunk: its prefix K/V is written before it (unless cached)
     last: bool              # completes the prompt: the request's first token is sampled from its logits
+    resumed: bool = False   # recomputes a preempted request: its last chunk samples nothing (the token is known)
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    requests: list[Request]  # rows 0..B-1
-    token_ids: list[int]     # [B] token fed per row
+    requests: list[Request]
+    token_ids: list[int]     # [B] token fed per request
     positions: list[int]     # [B] cache position it is written to
-    sampled: list[bool]      # [B] False for placeholder rows (still in prefill)
+    sampled: list[bool]      # [B] whether its logits are sampled (always, over the paged cache)
 
 
 @dataclass
@@ -73,9 +74,37 @@ class StepPlan:
         return not (self.prefill or self.decode or self.failed)
 
 
+@dataclass
+class CacheStats:
+    """Counters since start (the engine turns them into Prometheus metrics)."""
+
+    queried_tokens: int = 0   # prompt tokens looked up in the prefix cache at admission
+    hit_tokens: int = 0       # of those, served from cached blocks
+    preemptions: int = 0
+
+
+def cache_tokens(request: Request, start: int, stop: int) -> list[int]:
+    """The tokens at cache positions start..stop-1 as prefix-cache keys see them: VIRTUAL for the prefix's
+    virtual tokens, then the prompt and the outputs."""
+    p = request.prefix_len
+    head = [VIRTUAL] * max(0, min(stop, p) - start)
+    if stop <= p:
+        return head
+    lo, hi = max(start - p, 0), stop - p
+    n = len(request.prompt_token_ids)
+    body = request.prompt_token_ids[lo:hi] if hi <= n else (
+        request.prompt_token_ids[lo:n] + request.output_token_ids[max(lo - n, 0):hi - n])
+    return head + body
+
+
 class Scheduler:
     def __init__(self, max_batch: int, max_waiting: int, can_admit: Callable[[Request], bool] | None = None,
-                 prefill_budget: int | None = None, max_seq_len: int | None = None):
+                 prefill_budget: int | None = None, max_seq_len: int | None = None,
+                 blocks: BlockManager | None = None, cache_salt: Callable[[Request], str] | None = None,
+                 on_preempt: Callable[[Request], None] | None = None):
+        """blocks: the KV pool's bookkeeping (default: room for max_batch full-length rows, caching on);
+        cache_salt: the identity of the weights a request's K/V are computed with (default: its adapter
+        version); on_preempt: called with a request just preempted (the adapter pool frees its slot)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
@@ -83,6 +112,14 @@ class Scheduler:
         self.prefill_budget = prefill_budget
         self.max_seq_len = max_seq_len
         self.can_admit = can_admit or (lambda request: True)
+        if blocks is None:
+            per_row = -(-(max_seq_len or 4096) // DEFAULT_BLOCK_SIZE)
+            blocks = BlockManager(max_batch * per_row + 1, DEFAULT_BLOCK_SIZE)
+        self.blocks = blocks
+        self.cache_salt = cache_salt or (lambda request: request.adapter_version or "")
+        self.on_preempt = on_preempt or (lambda request: None)
+        self.epoch = 0
+        self.stats = CacheStats()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
@@ -98,13 +135,43 @@ class Scheduler:
     def row_of(self, request: Request) -> int:
         return self.running.index(request)
 
+    def reset_prefix_cache(self) -> None:
+        """The weights under the cache changed (e.g. an adapter merged into the base): drop every key, and
+        never key blocks of requests admitted before now."""
+        self.epoch += 1
+        self.blocks.reset()
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
+        for request in self.running:
+            self._commit(request)
         chunks = _Chunks(self.prefill_budget)
-        for row, request in enumerate(self.running):  # prompts already being prefilled first
-            if request.prefilling and not chunks.take(request, row):
-                break
-        else:
+        decoding: list[Request] = []
+        preempted = held = False
+        i = 0
+        while i < len(self.running):
+            request = self.running[i]
+            if request.prefilling:
+                if held or not chunks.fits(request):
+                    held = True
+                    i += 1
+                    continue
+                need = request.prefix_len + request.num_computed + chunks.length(request)
+            elif request.output_token_ids:
+                need = request.num_tokens
+            else:
+                i += 1
+                continue
+            ok, victim = self._reserve(request, need)
+            preempted |= victim
+            if not ok:
+                continue  # the request itself was preempted (it was the last row)
+            if request.prefilling:
+                chunks.take(request, i)
+            else:
+                decoding.append(request)
+            i += 1
+        if not preempted and not held:
             self._admit(chunks, plan)
         starts = [c.start for c in chunks.items]
         lengths = [len(c.token_ids) for c in chunks.items]
@@ -112,62 +179,126 @@ class Scheduler:
         for run in _consecutive_rows(chunks.items):
             groups = plan_prefill([lengths[i] for i in run], [starts[i] for i in run], limit)
             plan.prefill += [[chunks.items[run[i]] for i in group] for group in groups]
-        plan.decode = self._decode_batch()
+        if decoding:
+            plan.decode = DecodeBatch(decoding, [r.output_token_ids[-1] for r in decoding],
+                                      [r.num_tokens - 1 for r in decoding], [True] * len(decoding))
         return plan
+
+    def _reserve(self, request: Request, positions: int) -> tuple[bool, bool]:
+        """Give the request blocks for `positions` cache positions, preempting the newest running requests
+        while the pool is short. Returns (the request keeps running, something was preempted)."""
+        missing = self.blocks.blocks_for(positions) - len(request.block_ids)
+        preempted = False
+        while missing > 0 and not self.blocks.can_allocate(missing):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted = True
+            if victim is request:
+                return False, True
+        if missing > 0:
+            request.block_ids += self.blocks.allocate(missing)
+        return True, preempted
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._free(request)
+        request.num_resumed = max(0, len(request.output_token_ids) - 1)
+        request.num_computed = 0
+        request.status = Status.WAITING
+        self.waiting.appendleft(request)
+        self.stats.preemptions += 1
+        self.on_preempt(request)
+
+    def _free(self, request: Request) -> None:
+        """Key what it computed, then release its blocks."""
+        self._commit(request)
+        self.blocks.release(request.block_ids)
+        request.block_ids, request.block_keys = [], []
+
+    def _commit(self, request: Request) -> None:
+        """Key the request's full blocks whose K/V are computed (by steps that have run)."""
+        if not self.blocks.enable_caching or request.cache_epoch != self.epoch:
+            return
+        size, have = self.blocks.block_size, len(request.block_keys)
+        full = min(request.num_cached // size, len(request.block_ids))
+        if full <= have:
+            return
+        keys = block_keys(cache_tokens(request, have * size, full * size), size, request.cache_salt,
+                          parent=request.block_keys[-1] if have else b"")
+        for block, key in zip(request.block_ids[have:full], keys):
+            self.blocks.register(block, key)
+        request.block_keys += keys
+
+    def _lookup(self, request: Request) -> tuple[list[int], list[bytes]]:
+        """The cached blocks (and their keys) of the longest chain of the request's tokens, leaving at least
+        one token to compute (its logits give the next token), and none inside a prefix's virtual tokens
+        (those are written whole). Prompt-logprob requests compute every token."""
+        if not self.blocks.enable_caching or request.params.prompt_logprobs is not None:
+            return [], []
+        size = self.blocks.block_size
+        full = (request.prefix_len + request.num_fill - 1) // size
+        keys = block_keys(cache_tokens(request, 0, full * size), size, request.cache_salt)
+        hits = self.blocks.lookup(keys)
+        if len(hits) * size < request.prefix_len:
+            return [], []
+        return hits, keys[:len(hits)]
 
     def _admit(self, chunks: "_Chunks", plan: StepPlan) -> None:
         kept: deque[Request] = deque()
         full = False
         while self.waiting:
             request = self.waiting.popleft()
-            if not full and len(self.running) < self.max_batch and chunks.fits(request):
-                try:
-                    admitted = self.can_admit(request)
-                except AdmissionFailed as exc:
-                    request.status = Status.FINISHED
-                    plan.failed.append((request, str(exc)))
-                    continue
-                if admitted:
-                    request.status = Status.RUNNING
-                    request.num_computed = 0
-                    self.running.append(request)
-                    chunks.take(request, len(self.running) - 1)
-                    continue
-            elif chunks.items and not chunks.fits(request):
-                full = True  # FIFO: nothing behind a prompt that did not fit is admitted this step
-            kept.append(request)
+            if full or len(self.running) >= self.max_batch:
+                kept.append(request)
+                continue
+            request.cache_salt = self.cache_salt(request)
+            hits, keys = self._lookup(request)
+            hit = len(hits) * self.blocks.block_size
+            request.num_computed = max(0, hit - request.prefix_len)
+            if not chunks.fits(request):
+                request.num_computed = 0
+                full = bool(chunks.items)  # FIFO: nothing behind a prompt that did not fit is admitted this step
+                kept.append(request)
+                continue
+            need = self.blocks.blocks_for(request.prefix_len + request.num_computed + chunks.length(request))
+            if not self.blocks.can_allocate(need - len(hits), hits):
+                request.num_computed = 0
+                full = True
+                kept.append(request)
+                continue
+            try:
+                admitted = self.can_admit(request)
+            except AdmissionFailed as exc:
+                request.num_computed = 0
+                request.status = Status.FINISHED
+                plan.failed.append((request, str(exc)))
+                continue
+            if not admitted:
+                request.num_computed = 0
+                kept.append(request)
+                continue
+            self.blocks.take(hits)
+            request.block_ids = hits + self.blocks.allocate(need - len(hits))
+            request.block_keys = keys
+            request.cache_epoch = self.epoch
+            request.num_cache_hit = hit
+            if request.params.prompt_logprobs is None:
+                self.stats.queried_tokens += request.num_fill
+                self.stats.hit_tokens += request.num_computed
+            request.status = Status.RUNNING
+            self.running.append(request)
+            chunks.take(request, len(self.running) - 1)
         self.waiting = kept
 
-    def _decode_batch(self) -> DecodeBatch | None:
-        decoding = [i for i, r in enumerate(self.running) if r.output_token_ids]
-        if not decoding:
-            return None
-        rows = self.running[:decoding[-1] + 1]
-        tokens, positions, sampled = [], [], []
-        for request in rows:
-            if request.output_token_ids:
-                tokens.append(request.output_token_ids[-1])
-                positions.append(request.num_tokens - 1)
-                sampled.append(True)
-            else:  # placeholder: its next prefill chunk (or its first decoded token) overwrites this position
-                tokens.append(0)
-                positions.append(request.prefix_len + request.num_computed)
-                sampled.append(False)
-        return DecodeBatch(rows, tokens, positions, sampled)
-
-    def remove(self, request: Request) -> list[RowMove]:
-        """Take a request out (finished or aborted); returns the row moves that keep rows packed."""
+    def remove(self, request: Request) -> None:
+        """Take a request out (finished or aborted): its computed full blocks stay cached, its blocks free."""
         request.status = Status.FINISHED
         if request in self.waiting:
             self.waiting.remove(request)
-            return []
-        row = self.running.index(request)
-        last = len(self.running) - 1
-        moved = self.running.pop()
-        if row == last:
-            return []
-        self.running[row] = moved
-        return [RowMove(src=last, dst=row, length=moved.num_cached)]
+            return
+        if request in self.running:
+            self.running.remove(request)
+            self._free(request)
 
 
 class _Chunks:
@@ -183,15 +314,20 @@ class _Chunks:
             return True
         return (len(self.items) + 1) * max(self.longest, request.prompt_remaining) <= self.budget
 
+    def length(self, request: Request) -> int:
+        """Tokens of the request's next chunk (whole, or cut to the budget if it is the step's first)."""
+        remaining = request.prompt_remaining
+        return remaining if self.budget is None else min(remaining, max(self.budget, 1))
+
     def take(self, request: Request, row: int) -> bool:
-        """Schedule the request's next chunk (whole, or cut to the budget if it is the step's first)."""
+        """Schedule the request's next chunk (`length`)."""
         if not self.fits(request):
             return False
         remaining = request.prompt_remaining
-        n = remaining if self.budget is None else min(remaining, max(self.budget, 1))
+        n = self.length(request)
         done = request.num_computed
-        self.items.append(PrefillChunk(request, row, request.prefix_len + done,
-                                       request.prompt_token_ids[done:done + n], first=done == 0, last=n == remaining))
+        self.items.append(PrefillChunk(request, row, request.prefix_len + done, request.fill_token_ids(done, done + n),
+                                       first=done == 0, last=n == remaining, resumed=request.num_resumed > 0))
         request.num_computed = done + n
         self.longest = max(self.longest, n)
         return True

@@ -88,7 +88,7 @@ class VllmEngineClient(TokenizerText):
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         args = ModelArgs.from_hf_config(self.hf_config)
         self.vocab_size = args.vocab_size
-        self.max_seq_len = min(config.max_seq_len, args.max_position_embeddings)
+        self.max_seq_len = min(config.max_seq_len or args.max_position_embeddings, args.max_position_embeddings)
         self.adapter_store = AdapterStore(Path(config.adapter_dir or default_cache_dir() / "adapters"))
         self.adapters = SimpleNamespace(record=self.adapter_store.get)  # what Engine.make_request reads
         self.eos_token_ids = _eos_ids(SimpleNamespace(hf_config=self.hf_config, tokenizer=self.tokenizer,

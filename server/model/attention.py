@@ -2,9 +2,11 @@
 
 Two paths, same result up to float rounding (~1e-6 relative in fp32):
 - decode (T = 1) on CPU with the compiled kernels: `decode_attention_` rotates each row's q and k, writes
-  its new K/V and attends over its own length in one pass over the cache (cpu_ext; measured 0.68 vs 1.5
-  ms per layer for index_copy_ + SDPA at batch 32, fp32, 2 cores: +5.6% tok/s for the engine step);
-- otherwise: rope in torch, `KVCache.write_and_read`, then SDPA with the step's mask.
+  its new K/V and attends over its own length in one pass over its blocks, read in place through the
+  row's block table (cpu_ext; measured before paging: 0.68 vs 1.5 ms per layer for index_copy_ + SDPA at
+  batch 32, fp32, 2 cores: +5.6% tok/s for the engine step);
+- otherwise (prefill, CUDA, no compiler): rope in torch, `KVCache.write_and_read` (writes the new K/V
+  through the block tables and gathers each row's blocks), then SDPA with the step's mask.
 
 The kernel derives the mask from the cache positions (key j is visible to the query at position p iff
 j <= p and, with a sliding window W, j > p - W), which is the mask every StepInputs carries.
@@ -44,10 +46,10 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
         kernel = cpu_ext.kernel()
         if kernel is not None:
             out = kernel.decode_attention_(q[:, :, 0], k[:, :, 0], v[:, :, 0], cos[:, 0, 0], sin[:, 0, 0],
-                                           cache.k[layer], cache.v[layer], step.cache_pos[:, 0], step.rows.start,
+                                           cache.k[layer], cache.v[layer], step.cache_pos[:, 0], step.block_tables,
                                            sliding_window or 0)  # [B, H, D]
             return out.view(b, 1, heads * d)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys, values = cache.write_and_read(layer, step.rows, step.kv_index, k, v, step.kv_len)  # [B, Hkv, L, D]
+    keys, values = cache.write_and_read(layer, step.block_tables, step.kv_index, k, v, step.kv_len)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, t, heads * d)

@@ -6,8 +6,8 @@ load by name with no renaming, and adapter code can address target modules by th
 names PEFT uses.
 
 Differences from HF that matter for serving:
-- the KV cache is owned by the caller (`KVCache`) and addressed by cache *row*;
-  every row in a forward has its own length, so requests of different ages share a
+- the KV cache is owned by the caller (`KVCache`, paged) and addressed through each
+  row's block table; every row in a forward has its own length, so requests of different ages share a
   batch (continuous batching);
 - rope positions and cache positions are separate inputs, so a row may hold
   tokens that are not part of its rope sequence (prefix-tuning KV written before
@@ -194,14 +194,15 @@ class Backbone(nn.Module):
 class StepInputs:
     """Everything a forward needs besides token ids.
 
-    rows:      cache rows of the B batch rows, a contiguous slice (the engine keeps
-               running rows packed so that reads are views, not gathers)
+    rows:      cache rows of the B batch rows (KVCache.row_tables), a slice; None when block_tables is given
     rope_pos:  [B, T] rope position of each new token
     cache_pos: [B, T] cache slot each new token's K/V is written to
     kv_len:    L, the cache length every row attends over (max over rows)
     attn_mask: [B, 1, T, L] bool, True where a query may attend: key j for the query at cache position p
                iff j <= p (and j > p - sliding_window); decode on CPU derives it from cache_pos (attention.py)
     kv_index:  [B*Hkv*T] flat cache index of each new K/V vector, the same in every layer
+    block_tables: [B, M] int64 block of each row's cache positions (position p: block_tables[b, p // block_size]);
+               default: the rows' fixed tables
     """
 
     cache: KVCache
@@ -213,10 +214,13 @@ class StepInputs:
     kv_index: torch.Tensor | None = None  # [B*Hkv*T] where the new K/V go in a layer's flat cache (computed once)
 
     start: int = 0  # in a FlatStep: the group's first token in the flat batch
+    block_tables: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.block_tables is None:
+            self.block_tables = self.cache.tables_of_rows(self.rows)
         if self.kv_index is None:
-            self.kv_index = self.cache.flat_index(self.rows, self.cache_pos)
+            self.kv_index = self.cache.flat_index(self.block_tables, self.cache_pos)
 
     @property
     def stop(self) -> int:

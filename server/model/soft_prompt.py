@@ -49,4 +49,5 @@ def _forward_kv(model, embeddings: torch.Tensor) -> torch.Tensor:
     step = StepInputs(cache, slice(0, 1), pos, pos, p, mask)
     model(None, step, logits_index=torch.tensor([p - 1], device=weight.device),
           inputs_embeds=embeddings.to(device=weight.device, dtype=weight.dtype)[None])
-    return torch.stack((cache.k[:, 0], cache.v[:, 0]), dim=1)  # [L, 2, Hkv, P, D]
+    k, v = cache.read_row(cache.row_tables[0], p)  # [L, Hkv, P, D]
+    return torch.stack((k, v), dim=1)  # [L, 2, Hkv, P, D]

@@ -57,7 +57,7 @@ class RayEngineClient(TokenizerText):
         args = ModelArgs.from_hf_config(self.hf_config)
         self.model_name = path.name
         self.vocab_size = args.vocab_size
-        self.max_seq_len = min(config.max_seq_len, args.max_position_embeddings)
+        self.max_seq_len = min(config.max_seq_len or args.max_position_embeddings, args.max_position_embeddings)
         self.adapter_store = AdapterStore(Path(config.adapter_dir or default_cache_dir() / "adapters"))
         # what Engine.make_request reads besides vocab_size and max_seq_len
         self.adapters = SimpleNamespace(record=self.adapter_store.get, plan=lambda composition: resolve_composition(

@@ -5,7 +5,7 @@ void add_lora_rows_(torch::Tensor y, torch::Tensor x, torch::Tensor lora_a, torc
                     torch::Tensor slot_of_row, torch::Tensor slot_rank, int64_t rank);
 torch::Tensor decode_attention_(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new, torch::Tensor cos,
                                 torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                                torch::Tensor positions, int64_t row0, int64_t window);
+                                torch::Tensor positions, torch::Tensor block_tables, int64_t window);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_rows_", &add_lora_rows_, "per-row LoRA update of y in place (lora_cpu.cpp)");
