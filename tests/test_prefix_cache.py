@@ -148,9 +148,13 @@ def pool_bytes(loaded, blocks: int) -> int:
 
 
 @pytest.mark.parametrize("caching", [False, True])
-def test_preempted_requests_resume_with_identical_streams(setup, caching):
+@pytest.mark.parametrize("hold_first", [False, True])
+def test_preempted_requests_resume_with_identical_streams(setup, caching, hold_first):
     """A pool of 14 usable blocks (56 positions) for 4 requests that grow to 37 positions each: the newest are
-    preempted and recomputed; every stream carries each token once, and greedy outputs equal solo runs."""
+    preempted and recomputed; every stream carries each token once, and greedy outputs equal solo runs.
+    hold_first: admission holds the first request back until the second runs (as when the first's adapter slot
+    write is still in flight when it asks, and done when the second asks), so the first is admitted after the
+    second, becomes the newest row and is preempted right after its prompt sampled its first token."""
     _, _, loaded = setup
     prompts = [SYSTEM + s for s in SUFFIXES] + [list(range(40, 61))]
     solo = []
@@ -161,6 +165,12 @@ def test_preempted_requests_resume_with_identical_streams(setup, caching):
         solo.append(request.output_token_ids)
     engine = engine_for(setup, caching, kv_cache_bytes=pool_bytes(loaded, 15), max_prefill_tokens=16)
     requests = [engine.make_request(p, greedy(12), adapter="lora") for p in prompts]
+    if hold_first:
+        scheduler, can_admit = engine.scheduler, engine.scheduler.can_admit
+
+        def second_first(request: Request) -> bool:
+            return (request is not requests[0] or requests[1] in scheduler.running) and can_admit(request)
+        engine.scheduler.can_admit = second_first
     outputs = engine.generate(requests)
     assert engine.scheduler.stats.preemptions > 0
     assert [r.output_token_ids for r in requests] == solo

@@ -149,6 +149,47 @@ def test_the_newest_request_is_preempted_and_resumes_with_its_tokens():
     assert plan.decode.requests == [new] and plan.decode.token_ids == [61] and plan.decode.positions == [8]
 
 
+def test_a_request_preempted_right_after_its_prompt_resumes_without_sampling_its_first_token_again():
+    """can_admit holds the first request back once (its adapter slot still being written), so the second is
+    admitted first and the first becomes the newest row: preempted in the step after its prompt sampled its
+    only output. Readmitted, its prompt is recomputed but its last chunk samples nothing (the first token is
+    known); it then feeds that token at the position after the prompt."""
+    refused: set[Request] = set()
+
+    def can_admit(request: Request) -> bool:
+        if request is first and request not in refused:
+            refused.add(request)
+            return False
+        return True
+
+    scheduler = Scheduler(max_batch=4, max_waiting=4, can_admit=can_admit,
+                          blocks=BlockManager(5, 4))  # 4 usable blocks
+    first, second = (Request(list(range(start, start + 7)), SamplingParams(max_tokens=4)) for start in (11, 1))
+    scheduler.add(first)
+    scheduler.add(second)
+    plan = scheduler.schedule()
+    assert [c.request for g in plan.prefill for c in g] == [second] and list(scheduler.waiting) == [first]
+    second.output_token_ids = [60]
+    plan = scheduler.schedule()                   # first is admitted now: a row after second's
+    assert scheduler.running == [second, first] and plan.decode.requests == [second]
+    (chunk,) = [c for g in plan.prefill for c in g]
+    assert chunk.request is first and chunk.last and not chunk.resumed  # samples first's first token
+    second.output_token_ids.append(61)
+    first.output_token_ids = [50]                 # the token its last chunk sampled
+    plan = scheduler.schedule()
+    # second needs a third block: first (the newest row, holding just that one output) is preempted
+    assert plan.decode.requests == [second] and scheduler.stats.preemptions == 1
+    assert list(scheduler.waiting) == [first] and first.output_token_ids == [50]
+    scheduler.remove(second)
+    plan = scheduler.schedule()
+    chunks = [c for g in plan.prefill for c in g]
+    assert chunks[-1].request is first and chunks[-1].last
+    assert all(c.resumed for c in chunks)          # its first token is known: nothing is sampled again
+    assert [t for c in chunks for t in c.token_ids][-3:] == [15, 16, 17] and plan.decode is None
+    plan = scheduler.schedule()                    # then it feeds that token at the position after the prompt
+    assert plan.decode.requests == [first] and plan.decode.token_ids == [50] and plan.decode.positions == [7]
+
+
 def test_prefix_cache_hits_skip_computed_blocks():
     scheduler = Scheduler(max_batch=4, max_waiting=4, blocks=BlockManager(16, 4))
     first = Request(list(range(1, 11)), SamplingParams(max_tokens=4))

@@ -52,7 +52,8 @@ class PrefillChunk:
     token_ids: list[int]
     first: bool             # the request's first chunk: its prefix K/V is written before it (unless cached)
     last: bool              # completes the prompt: the request's first token is sampled from its logits
-    resumed: bool = False   # recomputes a preempted request: its last chunk samples nothing (the token is known)
+    resumed: bool = False   # recomputes a preempted request that has outputs: its last chunk samples nothing
+    #                         (the next token, its newest output, is known)
 
 
 @dataclass(frozen=True)
@@ -326,8 +327,10 @@ class _Chunks:
         remaining = request.prompt_remaining
         n = self.length(request)
         done = request.num_computed
+        # resumed: a request with outputs was preempted; its next token is known even when it had just one (the
+        # first, sampled by its prompt's last chunk: num_resumed is 0 then, and sampling again would repeat it)
         self.items.append(PrefillChunk(request, row, request.prefix_len + done, request.fill_token_ids(done, done + n),
-                                       first=done == 0, last=n == remaining, resumed=request.num_resumed > 0))
+                                       first=done == 0, last=n == remaining, resumed=bool(request.output_token_ids)))
         request.num_computed = done + n
         self.longest = max(self.longest, n)
         return True
