@@ -105,9 +105,9 @@ class Metrics:
 
         # ---- adapter tiers (issue 26: hundreds of adapters)
         self.adapter_slot_wait_seconds = Histogram(
-            f"{PREFIX}_adapter_slot_wait_seconds", "From the first time an adapter request could have been admitted "
-            "to its adapter being in a device slot (store read + copy; 0 when resident)", buckets=LOAD_BUCKETS,
-            registry=r)
+            f"{PREFIX}_adapter_slot_wait_seconds", "From the first time the scheduler considered an adapter request "
+            "(a batch row was free) to its admission with its adapter in a device slot: store read + copy, plus any "
+            "wait for a row that filled meanwhile; 0 when the adapter was resident", buckets=LOAD_BUCKETS, registry=r)
         self.adapters_resident = Gauge(f"{PREFIX}_adapters_resident", "Adapters resident per tier (device slots, "
                                        "CPU cache)", ["tier"], registry=r)
         for tier in ("device", "cpu"):
