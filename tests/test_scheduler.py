@@ -3,6 +3,7 @@ import pytest
 
 from server.engine.request import AdmissionFailed, QueueFull, Request, SamplingParams, Status
 from server.engine.block_manager import BlockManager
+from server.engine.fairness import Tenant
 from server.engine.scheduler import Scheduler, plan_prefill
 
 
@@ -244,3 +245,74 @@ def test_plan_prefill(lengths, starts, max_seq_len, expected):
     for group in groups:
         longest = max(lengths[i] for i in group)
         assert len(group) == 1 or max(starts[i] for i in group) + longest <= max_seq_len
+
+
+# ---- fair admission across tenants (fairness.FairQueue inside the scheduler)
+
+def tenant_requests(tenant, n: int, length: int = 8) -> list[Request]:
+    reqs = requests(*[length] * n)
+    for r in reqs:
+        r.tenant = tenant
+    return reqs
+
+
+def admission_order(scheduler: Scheduler, steps: int, out_tokens: int) -> list[str]:
+    """Run `steps` steps; each admitted request decodes `out_tokens` tokens then leaves. Returns the admitted
+    requests' tenant names, in admission order."""
+    order, seen = [], set()
+    for _ in range(steps):
+        plan = scheduler.schedule()
+        for request in list(scheduler.running):
+            if id(request) not in seen:
+                seen.add(id(request))
+                order.append(request.tenant.name if request.tenant else "-")
+            if not request.prefilling:
+                request.output_token_ids.append(1)
+                if len(request.output_token_ids) >= out_tokens:
+                    scheduler.remove(request)
+        assert plan is not None
+    return order
+
+
+@pytest.mark.parametrize("flood, trickle, expected", [
+    # a flood of A queued first, B's 3 requests after it: FIFO would admit B 9th-11th; fair, B goes next
+    ((Tenant("a"), 8), (Tenant("b"), 3), ["a", "b", "a", "b", "a", "b", "a", "a", "a", "a", "a"]),
+    # weight 3 for A: A gets about 3 rows per B row while both wait
+    ((Tenant("a", weight=3.0), 8), (Tenant("b"), 3), ["a", "b", "a", "a", "a", "b", "a", "a", "a", "b", "a"]),
+    # requests without a tenant are one tenant of their own
+    ((None, 4), (Tenant("b"), 2), ["-", "b", "-", "b", "-", "-"]),
+])
+def test_fair_admission_order(flood, trickle, expected):
+    scheduler = Scheduler(max_batch=1, max_waiting=64)
+    (a, n_a), (b, n_b) = flood, trickle
+    for r in tenant_requests(a, n_a) + tenant_requests(b, n_b):
+        scheduler.add(r)
+    assert admission_order(scheduler, steps=80, out_tokens=4) == expected
+
+
+def test_one_tenant_is_plain_arrival_order():
+    scheduler = Scheduler(max_batch=2, max_waiting=16)
+    reqs = tenant_requests(Tenant("a"), 5)
+    for r in reqs:
+        scheduler.add(r)
+    admitted = []
+    for _ in range(20):
+        scheduler.schedule()
+        for r in list(scheduler.running):
+            if r not in admitted:
+                admitted.append(r)
+            if not r.prefilling:
+                scheduler.remove(r)
+    assert admitted == reqs
+
+
+def test_a_tenants_own_queue_bound():
+    scheduler = Scheduler(max_batch=1, max_waiting=10)
+    capped = Tenant("a", max_waiting=2)
+    first, second, third = tenant_requests(capped, 3)
+    scheduler.add(first)
+    scheduler.add(second)
+    with pytest.raises(QueueFull, match="this tenant's queue holds 2"):
+        scheduler.add(third)
+    scheduler.add(tenant_requests(Tenant("b"), 1)[0])  # other tenants are still admitted
+    assert len(scheduler.waiting) == 3

@@ -40,7 +40,8 @@ def create_app(engine, server_config: ServerConfig | None = None) -> FastAPI:
         metrics = Metrics(max_adapter_labels=config.max_adapter_labels)
         engine.metrics = metrics
     metrics.bind_engine(engine)
-    context = ServerContext(engine=engine, config=config, metrics=metrics, started_at=int(time.time()))
+    context = ServerContext(engine=engine, config=config, metrics=metrics, started_at=int(time.time()),
+                            tenants=keys.tenants)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -63,7 +63,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
     request.state.adapter_label = ctx.metrics.adapter_label(adapter or (composition and composition.describe()))
     prompt = chat_prompt_ids(engine.tokenizer, body.messages)
     params = sampling_params(body, body.token_limit, body.engine_logprobs)
-    requests = make_requests(engine, [prompt], params, adapter, body.n, composition)
+    requests = make_requests(engine, [prompt], params, adapter, body.n, composition,
+                             ctx.tenant_of(getattr(request.state, "caller", None)))
     model = adapters.shown(adapter) if adapter else engine.model_name  # the caller's name for it
     generation = Generation(ctx, requests, arrival)
     if body.stream:

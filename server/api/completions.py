@@ -150,7 +150,8 @@ async def create_completion(body: CompletionRequest, request: Request, ctx: Serv
     prompts = prompt_token_ids(engine, body.prompt)
     params = sampling_params(body, body.max_tokens, body.logprobs,
                              prompt_logprobs=body.logprobs if body.echo else None)
-    requests = make_requests(engine, prompts, params, adapter, body.n, composition)
+    requests = make_requests(engine, prompts, params, adapter, body.n, composition,
+                             ctx.tenant_of(getattr(request.state, "caller", None)))
     model = adapters.shown(adapter) if adapter else engine.model_name  # the caller's name for it
     generation = Generation(ctx, requests, arrival)
     if body.stream:

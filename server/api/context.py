@@ -1,7 +1,8 @@
 """What every route needs: the engine, the server configuration, the metrics and the API keys."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -16,6 +17,12 @@ class ServerContext:
     config: ServerConfig
     metrics: Metrics
     started_at: int  # unix time the app was created ("created" of the base model card)
+    tenants: Mapping = field(default_factory=dict)  # tenant name -> fairness.Tenant (from the key file)
+
+    def tenant_of(self, caller) -> object | None:
+        """The fairness.Tenant whose terms a caller's requests are queued under (None: no tenant)."""
+        name = getattr(caller, "tenant", None)
+        return None if name is None else self.tenants.get(name)
 
     @property
     def adapter_store(self):

@@ -116,7 +116,7 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
 
 
 def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adapter: str | None,
-                  n: int, composition: Composition | None = None) -> list[Request]:
+                  n: int, composition: Composition | None = None, tenant=None) -> list[Request]:
     """``n`` engine requests per prompt, prompt-major (choice index = prompt * n + j).
 
     With a seed, choice j samples with seed + j, so choices differ and choice 0 equals a
@@ -138,6 +138,7 @@ def make_requests(engine, prompts: list[list[int]], params: SamplingParams, adap
                 requests.append(engine.make_request(ids, choice_params, adapter=adapter))
             else:
                 requests.append(engine.make_request(ids, choice_params, composition=composition))
+            requests[-1].tenant = tenant  # fairness.Tenant: fair admission and its own queue bound
     return requests
 
 

@@ -17,6 +17,7 @@ import random
 import threading
 import time
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -100,6 +101,7 @@ class Engine(TokenizerText):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._submit_lock = threading.Lock()
+        self._inbox_tenants: Counter[str] = Counter()  # requests of each tenant still in the inbox
         self._rng = random.Random(config.seed)
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -163,9 +165,15 @@ class Engine(TokenizerText):
                                matcher=matcher)
         tracked = _Tracked(request, sampling, IncrementalDetokenizer(self.tokenizer, request.params.stop), emit,
                            max_tokens)
+        tenant = request.tenant
         with self._submit_lock:
             if len(self.scheduler.waiting) + self._inbox.qsize() >= self.config.max_waiting:
                 raise QueueFull(f"the queue holds {self.config.max_waiting} waiting requests; try again later")
+            if tenant is not None and tenant.max_waiting is not None and \
+                    self.scheduler.waiting.waiting_of(request) + self._inbox_tenants[tenant.name] >= tenant.max_waiting:
+                raise QueueFull(f"this tenant's queue holds {tenant.max_waiting} waiting requests; try again later")
+            if tenant is not None:
+                self._inbox_tenants[tenant.name] += 1
             self._inbox.put(("add", tracked))
         self.adapters.prefetch_request(request)
         self._wake.set()
@@ -232,8 +240,12 @@ class Engine(TokenizerText):
                 return
             if kind == "add":
                 self._tracked[item.request.request_id] = item
+                tenant = item.request.tenant
                 try:
-                    self.scheduler.add(item.request)
+                    with self._submit_lock:  # leaves the inbox and joins its tenant's queue at once
+                        if tenant is not None:
+                            self._inbox_tenants[tenant.name] -= 1
+                        self.scheduler.add(item.request)
                 except QueueFull as exc:
                     self._finish(item, "error", error=str(exc))
             elif kind == "abort" and item in self._tracked:

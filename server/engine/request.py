@@ -186,6 +186,7 @@ class Request:
     slot: int = 0                        # device slot while running (0 = no adapter)
     num_computed: int = 0                # prompt tokens already prefilled (or scheduled in this step's plan)
     grammar: object | None = None        # compiled response_format grammar (opaque here; the engine's)
+    tenant: object | None = None         # fairness.Tenant of the key that sent it (None: no tenant)
     # paged KV cache (server.engine.block_manager, owned by the scheduler)
     block_ids: list[int] = field(default_factory=list)   # the request's blocks, in cache-position order
     block_keys: list[bytes] = field(default_factory=list)  # prefix-cache keys of its first full blocks

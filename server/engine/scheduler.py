@@ -11,8 +11,9 @@ consecutive rows). Each step:
    request is preempted: its blocks are freed (its computed full blocks stay cached), it goes back to the
    front of the queue with its tokens, and when readmitted it recomputes prompt + outputs but the newest
    as a prompt (`Request.num_resumed`) whose last chunk samples nothing, then decodes on;
-3. if nothing was preempted and no running prompt was held back, waiting requests are admitted in arrival
-   order: each reuses the longest chain of cached blocks of its tokens (prefix caching), and is admitted
+3. if nothing was preempted and no running prompt was held back, waiting requests are admitted in fair
+   order (`fairness.FairQueue`: arrival order within a tenant, and across tenants the one with the least
+   weighted service so far, the virtual token counter; one tenant, or none, is plain arrival order): each reuses the longest chain of cached blocks of its tokens (prefix caching), and is admitted
    when the rows, the prefill budget, the free blocks for its first chunk and `can_admit` all agree (the
    adapter pool uses it to hold a request until its adapter has a device slot; it raises
    `AdmissionFailed` when the request can never run). Admission stops at the first request that does not
@@ -34,11 +35,11 @@ next step on.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
 from server.engine.block_manager import VIRTUAL, BlockManager, block_keys
+from server.engine.fairness import FairQueue
 from server.engine.request import AdmissionFailed, QueueFull, Request, Status
 
 DEFAULT_BLOCK_SIZE = 16  # cache positions per KV block (--kv-block-size): vLLM's default
@@ -121,12 +122,15 @@ class Scheduler:
         self.on_preempt = on_preempt or (lambda request: None)
         self.epoch = 0
         self.stats = CacheStats()
-        self.waiting: deque[Request] = deque()
+        self.waiting = FairQueue()  # FIFO within a tenant; across tenants, least service first
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
         if len(self.waiting) >= self.max_waiting:
             raise QueueFull(f"the queue holds {self.max_waiting} waiting requests; try again later")
+        bound = request.tenant.max_waiting if request.tenant is not None else None
+        if bound is not None and self.waiting.waiting_of(request) >= bound:
+            raise QueueFull(f"this tenant's queue holds {bound} waiting requests; try again later")
         request.status = Status.WAITING
         self.waiting.append(request)
 
@@ -183,6 +187,8 @@ class Scheduler:
         if decoding:
             plan.decode = DecodeBatch(decoding, [r.output_token_ids[-1] for r in decoding],
                                       [r.num_tokens - 1 for r in decoding], [True] * len(decoding))
+            for request in decoding:  # the virtual token counter: each output token is service to its tenant
+                self.waiting.charge(request, output_tokens=1)
         return plan
 
     def _reserve(self, request: Request, positions: int) -> tuple[bool, bool]:
@@ -245,7 +251,9 @@ class Scheduler:
         return hits, keys[:len(hits)]
 
     def _admit(self, chunks: "_Chunks", plan: StepPlan) -> None:
-        kept: deque[Request] = deque()
+        """Admit waiting requests in fair order (fairness.FairQueue: the tenant with the least service first,
+        charged the prompt tokens it will compute as it is admitted); those not admitted keep their places."""
+        kept: list[Request] = []
         full = False
         while self.waiting:
             request = self.waiting.popleft()
@@ -289,7 +297,9 @@ class Scheduler:
             request.status = Status.RUNNING
             self.running.append(request)
             chunks.take(request, len(self.running) - 1)
-        self.waiting = kept
+            self.waiting.charge(request, prompt_tokens=request.num_fill - request.num_computed)
+        for request in reversed(kept):
+            self.waiting.appendleft(request)
 
     def remove(self, request: Request) -> None:
         """Take a request out (finished or aborted): its computed full blocks stay cached, its blocks free."""
