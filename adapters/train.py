@@ -22,7 +22,7 @@ project's server load without conversion.
   ``prompt_embeddings``, which the server serves). On the demo task every kind answers 11 or 12 of 12 held-out
   questions in the trained format after 30 steps.
 * Target names are the server's (``server.model.adapter_layers.TARGET_MODULES``); a LoRA rank above
-  the server's default ``--max-lora-rank`` (``server.config.EngineConfig``, 16) is warned about
+  the server's default ``--max-lora-rank`` (``server.config.EngineConfig``, 64) is warned about
   before training: a default server refuses it at upload.
 * Loss on completion tokens only; rows are tokenized exactly as the server tokenizes requests.
 * ``--quantization nf4`` trains QLoRA-style over a bitsandbytes 4-bit base (compute in fp32), after

@@ -81,12 +81,13 @@ def test_a_rank_the_default_server_refuses_is_warned_before_training(caplog):
 def test_rank_warning_comes_from_a_real_run_and_the_adapter_is_still_written(tmp_path, builtin_model_dir, caplog):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "cat", "completion": "meow!"}) + "\n")
-    config = TrainConfig(kind="lora", data=data, out=tmp_path / "r32", base=builtin_model_dir, rank=32, steps=1,
-                         eval_fraction=0, progress=False, threads=1, device="cpu")
+    rank = 2 * SERVER_MAX_RANK  # above what the default server accepts
+    config = TrainConfig(kind="lora", data=data, out=tmp_path / f"r{rank}", base=builtin_model_dir, rank=rank,
+                         steps=1, eval_fraction=0, progress=False, threads=1, device="cpu")
     with caplog.at_level(logging.WARNING, logger="adapters.train"):
         result = train_adapter(config)
-    assert any("--max-lora-rank 32" in r.getMessage() for r in caplog.records)
-    assert json.loads((result.out / "adapter_config.json").read_text())["r"] == 32
+    assert any(f"--max-lora-rank {rank}" in r.getMessage() for r in caplog.records)
+    assert json.loads((result.out / "adapter_config.json").read_text())["r"] == rank
 
 
 # ------------------------------------------------------------------------------------------ the real model
