@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from adapters.store import AdapterStore
 from server.config import EngineConfig
-from server.engine.engine import Engine, adapter_slot_plan
+from server.engine.engine import IDLE_RECHECK_S, Engine, adapter_slot_plan
 from server.engine.request import SamplingParams, Status
 from server.engine.slot_sizing import DEFAULT_SLOT_BYTES, SlotPlan, bytes_per_slot, plan_slots, slots_without_model
 from server.metrics import Metrics
@@ -142,6 +142,41 @@ def test_a_slow_store_read_does_not_hold_up_other_requests(loaded, store):
     release.set()
     _run_until(engine, lambda: slow.status is Status.FINISHED)
     assert len(slow.output_token_ids) == 3
+
+
+def test_the_engine_thread_sleeps_while_only_adapter_loads_are_pending(loaded, store):
+    """With nothing to run but a request whose store read is stuck, the step loop waits to be woken (by the
+    read ending) instead of polling: it planned thousands of empty steps a second before, holding the GIL
+    against the loading threads. The request is admitted as soon as the read ends."""
+    engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=64), store=store)
+    release, reading = threading.Event(), threading.Event()
+    load = engine.adapters.cpu._load_fn
+
+    def slow_load(name):
+        reading.set()
+        release.wait(30)
+        return load(name)
+
+    engine.adapters.cpu._load_fn = slow_load
+    plans = []
+    schedule = engine.scheduler.schedule
+    engine.scheduler.schedule = lambda: plans.append(time.monotonic()) or schedule()
+    engine.start()
+    try:
+        done = threading.Event()
+        request = engine.make_request([1, 2, 3], greedy(3), adapter="lora-3")
+        engine.submit(request, lambda o: done.set() if o.finished else None)
+        assert reading.wait(30)
+        time.sleep(1.0)
+        stalled = len(plans)
+        assert stalled <= 2 + 1.0 / IDLE_RECHECK_S + 2, stalled  # woken by submit, then the recheck timer only
+        released = time.monotonic()
+        release.set()
+        assert done.wait(30) and len(request.output_token_ids) == 3
+        assert plans[stalled] - released < IDLE_RECHECK_S  # the load's end woke it, not the timer
+    finally:
+        release.set()
+        engine.shutdown()
 
 
 def test_a_slow_slot_copy_runs_off_the_engine_thread(loaded, store):

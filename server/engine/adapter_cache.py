@@ -31,9 +31,13 @@ class AdapterLoadFailed(AdmissionFailed):
 
 
 class AdapterCache:
-    def __init__(self, load: Callable[[str], Adapter], max_bytes: int, pool=None):
-        """``load(name)`` reads and validates the stored adapter; ``pool.metrics`` (if set) counts loads."""
+    def __init__(self, load: Callable[[str], Adapter], max_bytes: int, pool=None,
+                 on_ready: Callable[[], None] | None = None):
+        """``load(name)`` reads and validates the stored adapter; ``pool.metrics`` (if set) counts loads;
+        ``on_ready()`` is called on the loading thread after every load ends, loaded or failed (the engine
+        wakes on it instead of polling: see server.engine.engine)."""
         self._load_fn, self.max_bytes, self._pool = load, max_bytes, pool
+        self.on_ready = on_ready or (lambda: None)
         self._entries: OrderedDict[str, Adapter] = OrderedDict()
         self._bytes = 0
         self._loading: dict[str, Future] = {}  # loads not yet finished (a finished one leaves: it pins nothing)
@@ -90,10 +94,12 @@ class AdapterCache:
             with self._lock:
                 self._loading.pop(key, None)
                 self._failed[key] = exc
+            self.on_ready()
             return
         self._put(key, adapter)
         with self._lock:
             self._loading.pop(key, None)
+        self.on_ready()
         metrics = getattr(self._pool, "metrics", None)
         if metrics is not None:
             metrics.adapter_loads.inc()

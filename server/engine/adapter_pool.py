@@ -89,6 +89,7 @@ class AdapterPool:
         unmerge(layers)  # an older pool's merge must not leak into this one
         self.merged_slot = 0
         self._metrics = None
+        self._on_ready = lambda: None
         self.cpu = AdapterCache(lambda name: load_adapter(store.path(name), base, max_rank=max_rank, name=name,
                                                           dtype=dtype), cpu_cache_bytes, pool=self)
         self._lock = threading.Lock()
@@ -136,6 +137,17 @@ class AdapterPool:
     def close(self) -> None:
         self.cpu.close()
         self._slot_writer.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def on_ready(self):
+        """Called from the loading and slot threads whenever a store read or a slot copy ends (loaded or failed),
+        so that an engine with nothing else to run sleeps until then instead of polling `try_acquire`."""
+        return self._on_ready
+
+    @on_ready.setter
+    def on_ready(self, callback) -> None:
+        self._on_ready = callback
+        self.cpu.on_ready = callback
 
     @property
     def metrics(self):
@@ -263,7 +275,9 @@ class AdapterPool:
         acquired = self.table.acquire(key)
         if acquired.evicted is not None:
             self._count("adapter_evictions")
-        self._writing[key] = _SlotWrite(acquired.slot, self._slot_writer.submit(job, acquired.slot, *args))
+        future = self._slot_writer.submit(job, acquired.slot, *args)
+        future.add_done_callback(lambda _: self._on_ready())
+        self._writing[key] = _SlotWrite(acquired.slot, future)
 
     def _load_and_fill(self, slot: int, key: str, name: str):
         """On a slot thread: wait for the adapter's store read (the prefetch started at submit), then copy it into
