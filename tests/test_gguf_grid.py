@@ -81,7 +81,12 @@ def test_default_model_on_its_q4_1_grid_equals_the_dequantized_model(default_dir
     dense = load_model(default_dir, dtype=torch.float32, pack=False)
     int4 = {n: m for n, m in grid.model.named_modules() if isinstance(m, Int4Linear)}
     assert len(int4) == 7 * grid.model.args.num_layers  # every decoder linear; the Q8_0 lm_head stays dense
-    worst = max((m.weight - dense.model.get_submodule(n).weight).abs().max().item() for n, m in int4.items())
+    # Reading a weight back runs the fp32 kernel on an identity (~0.4 s a module; all 210 took 88 s): the first and
+    # last layers' seven cover every shape and both un-permuted q and k.
+    last = grid.model.args.num_layers - 1
+    checked = {n: m for n, m in int4.items() if n.startswith((f"model.layers.0.", f"model.layers.{last}."))}
+    assert len(checked) == 14, sorted(checked)
+    worst = max((m.weight - dense.model.get_submodule(n).weight).abs().max().item() for n, m in checked.items())
     assert worst <= 1e-6, worst
     assert grid.weight_bytes < 0.6 * dense.weight_bytes
     tok = grid.tokenizer

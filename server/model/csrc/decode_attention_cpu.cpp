@@ -14,8 +14,12 @@
 // blocks, the prefetch looks ahead through the block table (the next block is anywhere in the pool).
 // Rope here instead of in torch saves the 10 small ops per layer it took (mul, neg, cat, add on q
 // and k: ~0.15 ms per layer at batch 32).
-#include <torch/extension.h>
+// ATen headers only, not <torch/extension.h>: this file then compiles in 10-14 s instead of
+// ~36 s (measured on Zen 4, under load), which the -march test builds (tests/test_cpu_kinds.py) pay twice.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>
@@ -109,9 +113,9 @@ static void decode_rows(const scalar_t* q, const scalar_t* k_new, const scalar_t
 // q [B, H, D], k_new, v_new [B, Hkv, D] (before rope); cos, sin [B, D]; k_cache, v_cache [blocks, Hkv, bs, D]
 // (one layer, contiguous); all one dtype; positions [B]; block_tables [B, M] -> out [B, H, D]. window 0 =
 // no sliding window.
-torch::Tensor decode_attention_(torch::Tensor q, torch::Tensor k_new, torch::Tensor v_new, torch::Tensor cos,
-                                torch::Tensor sin, torch::Tensor k_cache, torch::Tensor v_cache,
-                                torch::Tensor positions, torch::Tensor block_tables, int64_t window) {
+at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, at::Tensor cos,
+                                at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
+                                at::Tensor positions, at::Tensor block_tables, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4,
               "decode_attention_: bad ranks");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "decode_attention_: the cache must be contiguous");
@@ -121,8 +125,8 @@ torch::Tensor decode_attention_(torch::Tensor q, torch::Tensor k_new, torch::Ten
               "decode_attention_: dtype mismatch");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), bs = k_cache.size(2), num_blocks = k_cache.size(0);
-  auto pos = positions.to(torch::kLong).contiguous();
-  auto tables = block_tables.to(torch::kLong).contiguous();
+  auto pos = positions.to(at::kLong).contiguous();
+  auto tables = block_tables.to(at::kLong).contiguous();
   TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == dim && v_cache.sizes() == k_cache.sizes() &&
                   k_new.size(0) == batch && k_new.size(1) == kv_heads && k_new.size(2) == dim &&
                   v_new.sizes() == k_new.sizes() && pos.numel() == batch && dim % 2 == 0 &&
@@ -139,7 +143,7 @@ torch::Tensor decode_attention_(torch::Tensor q, torch::Tensor k_new, torch::Ten
   v_new = v_new.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
-  auto out = torch::empty({batch, heads, dim}, q.options());
+  auto out = at::empty({batch, heads, dim}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "decode_attention_", [&] {
     decode_rows<scalar_t>(q.data_ptr<scalar_t>(), k_new.data_ptr<scalar_t>(), v_new.data_ptr<scalar_t>(),
                           cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
