@@ -47,7 +47,7 @@ bench-many-adapters: $(STAMP)
 bench-prefix: $(STAMP)
 	$(PY) -m loadtest.bench_prefix $(ARGS)
 
-# issue 25: tenant A's flood (56 streams of 200 tokens) against tenant B's short requests one at a time, --max-batch 8,
+# issue 25: tenant A's flood (48 streams of 200 tokens) against tenant B's short requests one at a time, --max-batch 8,
 # --admission fair vs fifo in one run: B's TTFT in row turnovers, A's throughput (docs/BENCHMARKS.md)
 .PHONY: bench-tenants
 bench-tenants: $(STAMP)
