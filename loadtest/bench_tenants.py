@@ -62,7 +62,7 @@ def parse_args(argv):
     p.add_argument("--a-prompt-tokens", type=int, default=32)
     p.add_argument("--b-requests", type=int, default=20)
     p.add_argument("--b-requests-fifo", type=int, default=3, help="B's requests under fifo (0: --b-requests); "
-                   "each waits for A's whole queue there, ~40 turnovers (about 80-100 s here)")
+                   "each waits for A's whole queue there, ~40 turnovers (274 s in the loaded run of docs/BENCHMARKS.md)")
     p.add_argument("--b-tokens", type=int, default=16)
     p.add_argument("--b-prompt-tokens", type=int, default=16)
     p.add_argument("--solo-requests", type=int, default=5)
