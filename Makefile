@@ -47,11 +47,19 @@ bench-many-adapters: $(STAMP)
 bench-prefix: $(STAMP)
 	$(PY) -m loadtest.bench_prefix $(ARGS)
 
+# issue 25: tenant A's flood (48 streams of 200 tokens) against tenant B's short requests one at a time, --max-batch 8,
+# --admission fair vs fifo in one run: B's TTFT in row turnovers, A's throughput (docs/BENCHMARKS.md)
+.PHONY: bench-tenants
+bench-tenants: $(STAMP)
+	$(PY) -m loadtest.bench_tenants $(ARGS)
+
 demo: $(STAMP)
 	$(PY) -m adapters.demo $(ARGS)
 
 # schemathesis over /openapi.json (every phase, check not_a_server_error) against a tiny-llama-builtin server
-# that loadtest/fuzz.py starts on a free port with a temporary adapter store; fails on any 5xx.
+# that loadtest/fuzz.py starts on a free port with a temporary adapter store and a key file (--max-seq-len 32
+# --max-batch 64: no fuzzed request takes minutes); one pass with the operator's key, one with a tenant admin's;
+# fails on any 5xx.
 # ARGS go to loadtest/fuzz.py: --max-examples N (default 100), --seed S, --max-time SECONDS, -- <st run args>
 .PHONY: fuzz
 fuzz: $(STAMP)

@@ -82,9 +82,11 @@ def request_body(spec: RequestSpec, base_model: str, *, stream: bool) -> dict:
     return body
 
 
-def new_client(base_url: str, timeout: float = 600.0) -> httpx.AsyncClient:
-    """An async client with no connection cap (a cap would queue requests in the client)."""
+def new_client(base_url: str, timeout: float = 600.0, api_key: str | None = None) -> httpx.AsyncClient:
+    """An async client with no connection cap (a cap would queue requests in the client); ``api_key`` goes in
+    ``Authorization: Bearer``."""
     return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout, connect=30.0),
+                             headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
 
 

@@ -13,6 +13,7 @@ import os
 from dataclasses import replace
 
 from server.config import EngineConfig, ServerConfig
+from server.engine.fairness import ADMISSION
 
 log = logging.getLogger("adapter_server")
 
@@ -83,6 +84,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
                    default=os.environ.get("ADAPTER_SERVER_NO_PREFIX_CACHING", "") not in ("", "0")
                    or not e.enable_prefix_caching,
                    help="recompute every prompt instead of reusing cached KV blocks of earlier requests")
+    # fair admission across tenants (issue 25)
+    p.add_argument("--admission", choices=tuple(ADMISSION), default=_env("admission", e.admission),
+                   help="order of waiting requests: fair (the tenant with the least service so far first, the "
+                        "virtual token counter; FIFO within a tenant) or fifo (arrival order, whatever the tenant)")
 
 
 def _add_server_flags(p: argparse.ArgumentParser, s: ServerConfig) -> None:
@@ -156,6 +161,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
         p.error("--max-upload-bytes and --max-lora-rank must be positive")
     if a.max_adapter_slots < 0 or a.adapter_slot_bytes < 0:
         p.error("--max-adapter-slots and --adapter-slot-bytes must not be negative")
+    if a.admission not in ADMISSION:
+        p.error(f"--admission (or ADAPTER_SERVER_ADMISSION) must be one of {', '.join(ADMISSION)}, got {a.admission!r}")
     if a.engine == "vllm" and a.ray:
         p.error("--engine vllm and --ray do not combine: vLLM runs as one worker process of this server; "
                 "use one of them")
@@ -176,7 +183,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
                           merge_patience=a.merge_patience, merge_min_batch=a.merge_min_batch,
                           engine=a.engine, vllm_python=a.vllm_python,
                           kv_block_size=a.kv_block_size, kv_cache_bytes=a.kv_cache_bytes,
-                          enable_prefix_caching=not a.no_prefix_caching)
+                          enable_prefix_caching=not a.no_prefix_caching,
+                          admission=a.admission)
     server = ServerConfig(port=a.port, log_level=a.log_level,
                           api_keys=tuple(a.api_key if a.api_key is not None else _env_list("api_keys")),
                           admin_keys=tuple(a.admin_key if a.admin_key is not None else _env_list("admin_keys")),

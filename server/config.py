@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from server.engine.fairness import DEFAULT_ADMISSION
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -38,6 +40,9 @@ class EngineConfig:
     kv_block_size: int = 16
     kv_cache_bytes: int = 1 << 30
     enable_prefix_caching: bool = True
+    # Admission order of waiting requests (server.engine.fairness.ADMISSION): fair = the tenant with the least
+    # weighted service first (virtual token counter), fifo = arrival order (docs/BENCHMARKS.md, tenants).
+    admission: str = DEFAULT_ADMISSION
 
 
 @dataclass(frozen=True)

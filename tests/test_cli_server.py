@@ -7,6 +7,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.server_harness import free_port
 
@@ -37,3 +38,38 @@ def test_adapter_server_starts_on_builtin_model_and_reports_memory(tmp_path):
         output, _ = process.communicate(timeout=30)
     assert "MiB resident" in output
     assert "no API keys configured" in output
+
+
+@pytest.mark.parametrize("argv, env, expected", [
+    ([], None, "fair"),                                  # the default
+    (["--admission", "fifo"], None, "fifo"),
+    ([], "fifo", "fifo"),                                # ADAPTER_SERVER_ADMISSION
+    (["--admission", "fair"], "fifo", "fair"),           # the flag wins over the environment
+])
+def test_admission_flag(monkeypatch, argv, env, expected):
+    from server.cli import parse_args
+    from server.config import EngineConfig
+
+    for name in ("API_KEYS", "ADMIN_KEYS", "API_KEY_FILE", "ADMISSION"):
+        monkeypatch.delenv(f"ADAPTER_SERVER_{name}", raising=False)
+    if env is not None:
+        monkeypatch.setenv("ADAPTER_SERVER_ADMISSION", env)
+    assert parse_args(argv)[0].admission == expected
+    assert EngineConfig().admission == "fair"
+
+
+def test_an_unknown_admission_flag_is_refused(capsys):
+    from server.cli import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--admission", "lifo"])
+    assert "invalid choice: 'lifo'" in capsys.readouterr().err
+
+
+def test_an_unknown_admission_in_the_environment_is_refused(monkeypatch, capsys):
+    from server.cli import parse_args
+
+    monkeypatch.setenv("ADAPTER_SERVER_ADMISSION", "lifo")
+    with pytest.raises(SystemExit):
+        parse_args([])
+    assert "must be one of fair, fifo, got 'lifo'" in capsys.readouterr().err

@@ -173,6 +173,49 @@ def test_gaps_in_window():
     assert gaps_in_window([r], 5.0, 6.0) == []
 
 
+def test_tenants_turnovers_and_targets():
+    """bench_tenants' pure parts: A's tokens in the window (a cancelled request's chunks count), the turnover
+    (window / A's completions in it), B's extra TTFT p50 in turnovers, the targets and the table."""
+    from loadtest.bench_tenants import summarize, table, targets_met
+    from loadtest.client import Result
+
+    def req(sent, chunks, tokens, ok=True, error=None):
+        return Result(index=0, adapter=None, kind="base", sent=sent, done=chunks[-1] if ok else None, ok=ok,
+                      status=200, error=error, chunk_times=chunks, completion_tokens=tokens)
+
+    # window [10, 20]: A finishes 4 requests inside it (turnover 2.5 s), one before, one cut off at the end
+    a = [req(0.0, [9.0, 9.5], 2)] + [req(5.0, [t - 1.0, t], 2) for t in (12.0, 14.0, 16.0, 18.0)]
+    a.append(req(15.0, [19.0, 19.5, 20.5], 0, ok=False))  # cancelled: no usage, each chunk one token
+    b = [req(10.0, [10.5 + 3.0 * i] * 2, 2) for i in range(3)]  # TTFTs 0.5, 3.5, 6.5 (sent at 10.0)
+    solo = [req(0.0, [0.25, 0.3], 2), req(0.0, [0.5, 0.6], 2), req(0.0, [0.75, 0.8], 2)]
+    out = summarize(a, b, solo, 10.0, 20.0)
+    assert out["a_completions_in_window"] == 4 and out["turnover_s"] == pytest.approx(2.5)
+    assert out["a_tok_s"] == pytest.approx((8 + 2) / 10.0)  # 4 finished x 2 tokens + 2 chunks of the cut one
+    assert out["total_tok_s"] == pytest.approx((10 + 6) / 10.0)
+    assert out["b_solo_ttft_s"] == pytest.approx(0.5) and out["b_ttft_p50"] == pytest.approx(3.5)
+    assert out["b_extra_ttft_p50_s"] == pytest.approx(3.0)
+    assert out["b_extra_ttft_p50_turnovers"] == pytest.approx(1.2)
+    assert out["a_failed"] == 0 and "errors" not in out  # cancelled at the end is not a failure
+
+    failed = req(11.0, [11.5], 0, ok=False, error="HTTP 429: queue full")
+    assert summarize(a + [failed], b, solo, 10.0, 20.0)["a_failed"] == 1
+    empty = summarize([], [], [], 10.0, 20.0)
+    assert empty["turnover_s"] is None and empty["b_extra_ttft_p50_turnovers"] is None
+
+    fair = {**out, "load_average_start": (9.0, 8.0, 7.0), "load_average_end": (9.5, 8.0, 7.0)}
+    fifo = {**fair, "a_tok_s": 1.04, "b_extra_ttft_p50_turnovers": 40.0}
+    assert targets_met({"fair": fair, "fifo": fifo}) == {"b_extra_ttft_p50_turnovers": True,
+                                                       "a_throughput_vs_fifo": True}
+    slow = {**fair, "a_tok_s": 0.9, "b_extra_ttft_p50_turnovers": 2.5}
+    assert targets_met({"fair": slow, "fifo": fifo}) == {"b_extra_ttft_p50_turnovers": False,
+                                                       "a_throughput_vs_fifo": False}
+    assert targets_met({"fair": {**fair, "b_extra_ttft_p50_turnovers": None}}) == {
+        "b_extra_ttft_p50_turnovers": False}
+    text = table({"fair": fair, "fifo": fifo, "none": {**fair, **empty}})
+    assert "| fair | 3/3 | 0.500 s | 3.500 s |" in text and "| 1.2 | 1.0 | 0.96 |" in text
+    assert "| none | 0/0 | - | - | - | - | - |" in text
+
+
 def test_kv_write_micro_benchmark():
     """The KV write micro-benchmark of bench-engine (ours vs the old scatter_, checked equal), tiny sizes."""
     import torch

@@ -290,6 +290,41 @@ def test_fair_admission_order(flood, trickle, expected):
     assert admission_order(scheduler, steps=80, out_tokens=4) == expected
 
 
+@pytest.mark.parametrize("admission, expected", [
+    # A's flood of 6 queued before B's 2: fifo admits in arrival order, fair lets B in at once
+    ("fifo", ["a", "a", "a", "a", "a", "a", "b", "b"]),
+    ("fair", ["a", "b", "a", "b", "a", "a", "a", "a"]),
+])
+def test_admission_choice(admission, expected):
+    scheduler = Scheduler(max_batch=1, max_waiting=64, admission=admission)
+    for r in tenant_requests(Tenant("a"), 6) + tenant_requests(Tenant("b"), 2):
+        scheduler.add(r)
+    assert admission_order(scheduler, steps=60, out_tokens=4) == expected
+
+
+def test_fifo_keeps_each_tenants_queue_bound_and_a_preempted_request_goes_first():
+    scheduler = Scheduler(max_batch=2, max_waiting=10, admission="fifo")
+    capped = Tenant("a", max_waiting=2)
+    a1, a2, a3 = tenant_requests(capped, 3)
+    scheduler.add(a1)
+    scheduler.add(a2)
+    with pytest.raises(QueueFull, match="this tenant's queue holds 2"):
+        scheduler.add(a3)
+    b1 = tenant_requests(Tenant("b"), 1)[0]
+    scheduler.add(b1)
+    assert list(scheduler.waiting) == [a1, a2, b1]
+    scheduler.schedule()
+    assert scheduler.running == [a1, a2] and list(scheduler.waiting) == [b1]
+    scheduler.add(a3)  # a1 and a2 left A's queue: room again
+    scheduler._preempt(a2)
+    assert list(scheduler.waiting) == [a2, b1, a3]
+
+
+def test_an_unknown_admission_is_refused():
+    with pytest.raises(ValueError, match="unknown admission 'lifo'; choose one of fair, fifo"):
+        Scheduler(max_batch=1, max_waiting=1, admission="lifo")
+
+
 def test_one_tenant_is_plain_arrival_order():
     scheduler = Scheduler(max_batch=2, max_waiting=16)
     reqs = tenant_requests(Tenant("a"), 5)

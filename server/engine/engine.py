@@ -99,7 +99,8 @@ class Engine(TokenizerText):
         self.scheduler = Scheduler(config.max_batch, config.max_waiting, self.adapters.try_acquire,
                                    config.max_prefill_tokens, self.max_seq_len,
                                    blocks=BlockManager(num_blocks, config.kv_block_size, config.enable_prefix_caching),
-                                   cache_salt=self._cache_salt, on_preempt=self.adapters.release)
+                                   cache_salt=self._cache_salt, on_preempt=self.adapters.release,
+                                   admission=config.admission)
         self._merged_slot = 0
         self._metrics = None
         self._tracked: dict[str, _Tracked] = {}

@@ -8,7 +8,9 @@ the smallest counter among the tenants still waiting, so idling banks no credit.
 a tenant are one tenant of their own (``NO_TENANT``).
 
 The scheduler uses :class:`FairQueue` as its waiting queue; it behaves as a FIFO deque when only
-one tenant waits, so single-tenant servers keep their order exactly.
+one tenant waits, so single-tenant servers keep their order exactly. ``--admission fifo`` swaps in
+:class:`ArrivalQueue` (plain arrival order across tenants: the control of ``make bench-tenants``);
+``ADMISSION`` maps each choice to its queue and is the one list of choices.
 """
 from __future__ import annotations
 
@@ -97,3 +99,66 @@ class FairQueue:
     def _floor(self, exclude: str) -> float:
         active = [self.service.get(n, 0.0) for n, q in self._queues.items() if q and n != exclude]
         return min(active, default=0.0)
+
+
+class ArrivalQueue:
+    """The waiting requests in plain arrival order, whatever their tenants (``--admission fifo``).
+
+    The same interface as :class:`FairQueue`: it still counts each tenant's waiting requests (its own
+    ``max_waiting``) and its service (``charge``), but never reorders by it.
+    """
+
+    def __init__(self) -> None:
+        self._queue: deque = deque()
+        self._waiting: dict[str, int] = {}
+        self.service: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def __contains__(self, request) -> bool:
+        return request in self._queue
+
+    def __iter__(self) -> Iterator:
+        yield from list(self._queue)
+
+    def append(self, request) -> None:
+        self._queue.append(request)
+        self._count(request, 1)
+
+    def appendleft(self, request) -> None:
+        self._queue.appendleft(request)
+        self._count(request, 1)
+
+    def popleft(self):
+        request = self._queue.popleft()
+        self._count(request, -1)
+        return request
+
+    def remove(self, request) -> None:
+        self._queue.remove(request)
+        self._count(request, -1)
+
+    def waiting_of(self, request) -> int:
+        return self._waiting.get(FairQueue.name_of(request), 0)
+
+    charge = FairQueue.charge
+    name_of = staticmethod(FairQueue.name_of)
+
+    def _count(self, request, delta: int) -> None:
+        name = FairQueue.name_of(request)
+        self._waiting[name] = self._waiting.get(name, 0) + delta
+
+
+ADMISSION = {"fair": FairQueue, "fifo": ArrivalQueue}  # --admission: the scheduler's waiting queue
+DEFAULT_ADMISSION = "fair"
+
+
+def waiting_queue(admission: str = DEFAULT_ADMISSION) -> FairQueue | ArrivalQueue:
+    """The scheduler's waiting queue for an ``--admission`` choice; ValueError for an unknown one."""
+    if admission not in ADMISSION:
+        raise ValueError(f"unknown admission {admission!r}; choose one of {', '.join(ADMISSION)}")
+    return ADMISSION[admission]()

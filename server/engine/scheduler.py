@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from server.engine.block_manager import VIRTUAL, BlockManager, block_keys
-from server.engine.fairness import FairQueue
+from server.engine.fairness import DEFAULT_ADMISSION, waiting_queue
 from server.engine.request import AdmissionFailed, QueueFull, Request, Status
 
 DEFAULT_BLOCK_SIZE = 16  # cache positions per KV block (--kv-block-size): vLLM's default
@@ -103,10 +103,12 @@ class Scheduler:
     def __init__(self, max_batch: int, max_waiting: int, can_admit: Callable[[Request], bool] | None = None,
                  prefill_budget: int | None = None, max_seq_len: int | None = None,
                  blocks: BlockManager | None = None, cache_salt: Callable[[Request], str] | None = None,
-                 on_preempt: Callable[[Request], None] | None = None):
+                 on_preempt: Callable[[Request], None] | None = None, admission: str = DEFAULT_ADMISSION):
         """blocks: the KV pool's bookkeeping (default: room for max_batch full-length rows, caching on);
         cache_salt: the identity of the weights a request's K/V are computed with (default: its adapter
-        version); on_preempt: called with a request just preempted (the adapter pool frees its slot)."""
+        version); on_preempt: called with a request just preempted (the adapter pool frees its slot);
+        admission: the waiting queue's order, fairness.ADMISSION (fair: the virtual token counter; fifo:
+        arrival order)."""
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
@@ -122,7 +124,7 @@ class Scheduler:
         self.on_preempt = on_preempt or (lambda request: None)
         self.epoch = 0
         self.stats = CacheStats()
-        self.waiting = FairQueue()  # FIFO within a tenant; across tenants, least service first
+        self.waiting = waiting_queue(admission)  # fair: FIFO within a tenant, across tenants least service first
         self.running: list[Request] = []
 
     def add(self, request: Request) -> None:
