@@ -81,7 +81,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_served", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="'bench' (the ~134M Llama of bench_engine; the default), 'builtin' "
-                   "or a dir; with --with-llamacpp: the default model (SmolLM2-135M-Instruct), which is the only choice")
+                   "or a dir; --with-llamacpp runs the default model (SmolLM2-135M-Instruct) only")
     p.add_argument("--clients", type=int, default=32, help="concurrent OpenAI clients (= distinct adapters)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)

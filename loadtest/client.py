@@ -163,7 +163,8 @@ def openai_client(base_url: str, timeout: float = 600.0):
 
 def adapter_fields(spec: RequestSpec) -> dict:
     """How our server (and the PEFT peer) is told a request's adapter: ``adapter`` or ``adapters``."""
-    return {**({"adapter": spec.adapter} if spec.adapter else {}), **({"adapters": spec.adapters} if spec.adapters else {})}
+    return {**({"adapter": spec.adapter} if spec.adapter else {}),
+            **({"adapters": spec.adapters} if spec.adapters else {})}
 
 
 async def complete_openai(client, index: int, spec: RequestSpec, base_model: str,

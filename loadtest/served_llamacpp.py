@@ -10,11 +10,12 @@ has native bf16):
 |---|---|---|
 | F16 | the shipped file requantized to F16 (`llama-quantize --allow-requantize`) | `--quantization none` (bf16) |
 | Q8_0 | the shipped file requantized to Q8_0 | `--quantization int8-wo` |
-| Q4_1 | the shipped file as is | `--quantization auto` (the file's own grid here), + `int4-wo` with `--llamacpp-int4-wo` |
+| Q4_1 | the shipped file as is | `--quantization auto` (the file's own grid here); `int4-wo` too with
+  `--llamacpp-int4-wo` |
 
 Both sides hold the same weights: our checkpoint is the dequantized Q4_1 file, and F16/Q8_0 are made from it.
-llama-server runs `-t 2 -tb 2 -np 32 -c 32768 -cb -kvu` with the benchmark's `--clients` LoRAs (r=16 on q, k, v,
-o; PEFT's files converted by loadtest.llamacpp_lora), all at scale 0; a request turns its own on with
+llama-server runs `-t 2 -tb 2 -np 32 -c 32768 -cb -kvu --slot-save-path DIR` with the benchmark's `--clients`
+LoRAs (r=16 on q, k, v, o; PEFT's files converted by loadtest.llamacpp_lora), all at scale 0; a request turns its own on with
 `"lora": [{"id": i, "scale": 1}]` (servers.llamacpp_peer). Workloads (LOADS), each timed once per round on every
 server of the group, the server order alternating between rounds, the workload order rotating:
 
@@ -22,8 +23,9 @@ server of the group, the server order alternating between rounds, the workload o
   the same on `--clients` distinct LoRAs: generated tokens / wall time of the batch.
 - TTFT of one `--ttft-prompts` (2,000 and 7,000) token prompt asking for 1 token: prompt tokens / the request's
   time (send to end of stream), in the first `--ttft-rounds` (1) rounds only: one 7,000-token prompt takes
-  llama-server about a minute here, and a prompt that long averages the noise out. Each round gets a fresh prompt (same for every server in the round), so no prefix
-  cache helps; llama-server's slots are erased after it (a kept 7,000-token slot would sit in the unified KV pool).
+  llama-server about a minute here, and a prompt that long averages the noise out. Each round gets a fresh prompt
+  (the same for every server in the round), so no prefix cache helps; llama-server's slots are erased after it
+  (a kept 7,000-token slot would sit in the unified KV pool).
 
 Printed per group: tok/s of each side (medians over rounds), the median of within-round ratios ours / llama-server,
 and the point-6 targets (TARGETS) met or not. The load average is recorded before and after each group: the
