@@ -102,6 +102,8 @@ def parse_args(argv):
     p.add_argument("--ttft-prompts", type=lambda v: [int(x) for x in v.split(",")], default=[2000, 7000],
                    help="prompt lengths whose TTFT --with-llamacpp measures")
     p.add_argument("--ttft-rounds", type=int, default=1, help="--with-llamacpp: the rounds that measure TTFT")
+    p.add_argument("--llamacpp-loads", type=lambda v: v.split(","), default=list(served_llamacpp.LOAD_FAMILIES),
+                   help="--with-llamacpp: comma-separated subset of " + ",".join(served_llamacpp.LOAD_FAMILIES))
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--long-tokens", type=int, default=900, help="prompt tokens of the prompt that joins")
@@ -118,6 +120,9 @@ def parse_args(argv):
         unknown = set(args.llamacpp_precisions) - set(served_llamacpp.GROUPS)
         if unknown:
             p.error(f"--llamacpp-precisions: unknown {sorted(unknown)}; choose from {list(served_llamacpp.GROUPS)}")
+        unknown = set(args.llamacpp_loads) - set(served_llamacpp.LOAD_FAMILIES)
+        if unknown:
+            p.error(f"--llamacpp-loads: unknown {sorted(unknown)}; choose from {list(served_llamacpp.LOAD_FAMILIES)}")
         if args.model not in (None, "default"):
             p.error("--with-llamacpp runs the default model (llama-server serves its GGUF file): leave out --model")
         from server.model.default_model import ensure_default_model

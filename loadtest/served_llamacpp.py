@@ -77,14 +77,20 @@ TARGETS = {"single": 1.0, "base": 1.2, "lora": 3.0, "ttft": 1.0}
 OWN_LORA_VS_BASE = 0.9  # and ours on 32 LoRAs at least this x ours on the base, in the same round
 
 
+LOAD_FAMILIES = ("single", "base", "lora", "ttft")
+
+
 def loads(args) -> list[Load]:
+    """The workloads of ``args`` (all of LOAD_FAMILIES unless ``args.llamacpp_loads`` names fewer)."""
     out = [Load("single", f"1 stream, {args.stream_tokens} tokens", 1, args.stream_tokens, args.prompt_tokens),
            Load("base", f"{args.clients} streams, {args.new_tokens} tokens, base", args.clients, args.new_tokens,
                 args.prompt_tokens),
            Load("lora", f"{args.clients} streams, {args.clients} distinct LoRAs", args.clients, args.new_tokens,
                 args.prompt_tokens, lora=True)]
-    return out + [Load(f"ttft-{n}", f"TTFT, {n:,}-token prompt (prompt tok/s)", 1, 1, n, ttft=True)
-                  for n in args.ttft_prompts]
+    out += [Load(f"ttft-{n}", f"TTFT, {n:,}-token prompt (prompt tok/s)", 1, 1, n, ttft=True)
+            for n in args.ttft_prompts]
+    wanted = getattr(args, "llamacpp_loads", None) or LOAD_FAMILIES
+    return [x for x in out if ("ttft" if x.ttft else x.key) in wanted]
 
 
 def make_gguf(shipped: Path, file_type: str, out_dir: Path) -> Path:
@@ -156,8 +162,8 @@ def run_group(args, setup, group: Group, specs: dict[str, list[RequestSpec]], lo
         argv = {s.name: s.srv.argv for s in systems}
         for s in systems:
             print(f"{s.name}: {' '.join(s.srv.argv)}", flush=True)
-            for key in ("single", "base", "lora"):  # untimed: LoRAs into slots, first-call costs paid
-                s.batch([replace(x, max_tokens=4) for x in specs[key]])
+            for key in {x.key for x in all_loads} & {"single", "base", "lora"}:  # untimed: LoRAs into slots
+                s.batch([replace(x, max_tokens=2) for x in specs[key]])
         load_before = os.getloadavg()
         for r in range(args.rounds):
             row: dict = {}
