@@ -28,6 +28,7 @@ bench-adapters: $(STAMP)
 
 # adapter-server (default flags but --max-batch 32 --max-adapter-slots 32) through HTTP vs HF/PEFT/engine-only;
 # ARGS=--long-prompt: ITL p99 of running streams while a long prompt joins, with and without chunked prefill
+# ARGS=--with-llamacpp: ours vs llama-server (make install-llamacpp) at the same weight precision, same rounds
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
 

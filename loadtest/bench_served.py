@@ -25,12 +25,18 @@ SETTLE_S); every ratio is the median over rounds of the ratio within one round (
 `--with-vllm`: rows vllm/base and vllm/lora, the same batches on `adapter-server --engine vllm` (same
 flags and store; docs/VLLM.md), timed in the same rounds.
 
+`--with-llamacpp`: instead of the variants above, ours against llama.cpp's llama-server at the same weight
+precision (F16 / bf16, Q8_0 / int8-wo, Q4_1 / the GGUF grid), on the default model, in alternating rounds:
+one stream, 32 streams base, 32 distinct LoRAs, TTFT of long prompts (loadtest.served_llamacpp; make
+install-llamacpp first).
+
 `--long-prompt`: ITL p99 of `--streams` running streams while one `--long-tokens` prompt
 joins, against the same streams alone, on a server with `--max-prefill-tokens --chunk`
 (chunked prefill) and one with `--max-prefill-tokens --no-chunk`.
 
     python -m loadtest.bench_served                    # make bench-served
     python -m loadtest.bench_served --long-prompt      # make bench-served ARGS=--long-prompt
+    python -m loadtest.bench_served --with-llamacpp    # make bench-served ARGS=--with-llamacpp
 """
 from __future__ import annotations
 
@@ -47,7 +53,7 @@ from pathlib import Path
 
 import torch
 
-from loadtest import served
+from loadtest import served, served_llamacpp
 from loadtest.adapters_gen import AdapterFactory, register
 from loadtest.bench_adapters import PeftPeer
 from loadtest.bench_engine import HFGenerate, like_the_server
@@ -74,11 +80,13 @@ SETTLE_S = 5.0
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_served", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="bench", help="'bench' (the ~134M Llama of bench_engine), 'builtin' or a dir")
+    p.add_argument("--model", default=None, help="'bench' (the ~134M Llama of bench_engine; the default), 'builtin' "
+                   "or a dir; --with-llamacpp runs the default model (SmolLM2-135M-Instruct) only")
     p.add_argument("--clients", type=int, default=32, help="concurrent OpenAI clients (= distinct adapters)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (medians; default 3, 2 with "
+                   "--with-llamacpp)")
     p.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     p.add_argument("--slots", type=int, default=32, help="the server's --max-adapter-slots")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the HF and PEFT peers")
@@ -86,6 +94,16 @@ def parse_args(argv):
     p.add_argument("--with-vllm", action="store_true", help="peer rows vllm/base and vllm/lora: the same load on "
                    "`adapter-server --engine vllm` with the same flags (make install-vllm; docs/VLLM.md)")
     p.add_argument("--long-prompt", action="store_true", help="the chunked-prefill benchmark instead")
+    p.add_argument("--with-llamacpp", action="store_true", help="ours against llama-server at the same weight "
+                   "precision instead (loadtest.served_llamacpp; make install-llamacpp)")
+    p.add_argument("--llamacpp-precisions", type=lambda v: v.split(","), default=list(served_llamacpp.GROUPS),
+                   help="comma-separated subset of " + ",".join(served_llamacpp.GROUPS))
+    p.add_argument("--llamacpp-int4-wo", action="store_true", help="also ours with --quantization int4-wo against Q4_1")
+    p.add_argument("--ttft-prompts", type=lambda v: [int(x) for x in v.split(",")], default=[2000, 7000],
+                   help="prompt lengths whose TTFT --with-llamacpp measures")
+    p.add_argument("--ttft-rounds", type=int, default=1, help="--with-llamacpp: the rounds that measure TTFT")
+    p.add_argument("--llamacpp-loads", type=lambda v: v.split(","), default=list(served_llamacpp.LOAD_FAMILIES),
+                   help="--with-llamacpp: comma-separated subset of " + ",".join(served_llamacpp.LOAD_FAMILIES))
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--stream-tokens", type=int, default=128)
     p.add_argument("--long-tokens", type=int, default=900, help="prompt tokens of the prompt that joins")
@@ -96,7 +114,24 @@ def parse_args(argv):
                    help="default: docs/benchmarks/served.json (served-long-prompt.json with --long-prompt)")
     p.add_argument("--work", type=Path, default=None, help="adapters, store and server logs (default: a temp dir)")
     args = p.parse_args(argv)
-    default = "served-long-prompt.json" if args.long_prompt else "served.json"
+    if args.with_llamacpp and args.long_prompt:
+        p.error("--with-llamacpp and --long-prompt are separate benchmarks: give one")
+    if args.with_llamacpp:
+        unknown = set(args.llamacpp_precisions) - set(served_llamacpp.GROUPS)
+        if unknown:
+            p.error(f"--llamacpp-precisions: unknown {sorted(unknown)}; choose from {list(served_llamacpp.GROUPS)}")
+        unknown = set(args.llamacpp_loads) - set(served_llamacpp.LOAD_FAMILIES)
+        if unknown:
+            p.error(f"--llamacpp-loads: unknown {sorted(unknown)}; choose from {list(served_llamacpp.LOAD_FAMILIES)}")
+        if args.model not in (None, "default"):
+            p.error("--with-llamacpp runs the default model (llama-server serves its GGUF file): leave out --model")
+        from server.model.default_model import ensure_default_model
+
+        args.model = str(ensure_default_model())
+    args.model = args.model or "bench"
+    args.rounds = args.rounds or (2 if args.with_llamacpp else 3)
+    default = ("served-long-prompt.json" if args.long_prompt else
+               "served-llamacpp.json" if args.with_llamacpp else "served.json")
     args.json = args.json or Path("docs/benchmarks") / default
     return args
 
@@ -273,7 +308,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"and --port: {' '.join(setup.flags)}; peers: {args.threads} torch threads; server and engine-only: "
               f"torch's default ({torch.get_num_threads()} here)", flush=True)
         # everything in-process (peers, engine-only, clients) runs like the server's engine (see like_the_server)
-        result = like_the_server(run_long if args.long_prompt else run_main, args, setup)
+        mode = run_long if args.long_prompt else served_llamacpp.run if args.with_llamacpp else run_main
+        result = like_the_server(mode, args, setup)
     result = {"command": "python -m loadtest.bench_served " + " ".join(sys.argv[1:] if argv is None else argv),
               "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
               "wall_s": round(time.time() - started, 1), "machine": machine(), "dtype": setup.dtype,

@@ -163,18 +163,24 @@ def openai_client(base_url: str, timeout: float = 600.0):
     return AsyncOpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="unused", timeout=timeout, max_retries=0)
 
 
+def adapter_fields(spec: RequestSpec) -> dict:
+    """How our server (and the PEFT peer) is told a request's adapter: ``adapter`` or ``adapters``."""
+    return {**({"adapter": spec.adapter} if spec.adapter else {}),
+            **({"adapters": spec.adapters} if spec.adapters else {})}
+
+
 async def complete_openai(client, index: int, spec: RequestSpec, base_model: str,
-                          result: Result | None = None) -> Result:
+                          result: Result | None = None, fields=adapter_fields) -> Result:
     """``complete`` through the OpenAI SDK: a streamed completion, the adapter and ``ignore_eos`` in
     ``extra_body``, greedy; chunk timestamps as in ``complete`` (``result``, if given, fills in as the
-    stream goes). Never raises for API errors."""
+    stream goes). Never raises for API errors. ``fields(spec)``: the body fields that name the adapter
+    (another server's way, e.g. llama-server's ``lora`` list: ``loadtest.served_llamacpp``)."""
     import openai
 
     if result is None:
         result = Result(index=index, adapter=spec.adapter, kind=spec.kind, sent=0.0)
     result.expected_tokens, result.sent = spec.max_tokens, time.perf_counter()
-    extra = {"ignore_eos": True, **({"adapter": spec.adapter} if spec.adapter else {}),
-             **({"adapters": spec.adapters} if spec.adapters else {})}
+    extra = {"ignore_eos": True, **fields(spec)}
     parts = []
     try:
         stream = await client.completions.create(model=base_model, prompt=spec.prompt, max_tokens=spec.max_tokens,

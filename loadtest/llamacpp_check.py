@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -30,17 +29,9 @@ from server.model.default_model import default_gguf_path, ensure_default_model
 from server.model.loader import load_model
 
 from loadtest.llamacpp_lora import convert
+from loadtest.servers import llamacpp_bin
 
 PROMPT = "The history of the Roman Empire"
-
-
-def llamacpp_bin(name: str) -> Path:
-    cache = Path(os.environ.get("ADAPTER_SERVER_CACHE", Path.home() / ".cache/adapter-server"))
-    root = Path(os.environ.get("LLAMACPP_DIR") or cache / "llamacpp")
-    path = root / "bin" / name
-    if not path.is_file():
-        raise SystemExit(f"{path} is missing: run `make install-llamacpp`")
-    return path
 
 
 def make_lora(base: Path, out: Path, seed: int = 7) -> Path:

@@ -11,6 +11,14 @@ and the event loop are not in this process: `make bench-served` gives their shar
 1 - served / engine-only.
 
     python -m loadtest.profile_step [--kind base|lora|ia3|prefix] [--new-tokens 32]
+
+`--count-ops` (issue 23, point 4: per-token overhead) instead counts the aten calls of one decoded token at the
+server's default flags on the default model (SmolLM2-135M-Instruct; `--quantization auto`, `--dtype auto`: the
+GGUF grid in bf16 on a CPU with native bf16), one stream: every `aten::` event the profiler records, nested ones
+included, for a request of `--count-tokens` new tokens minus one of 2 tokens, divided by the difference (so the
+prefill and the engine's set-up cancel out). A count, not a time: valid on a loaded machine.
+
+    python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15]
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import argparse
 import logging
 import tempfile
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import replace
 from pathlib import Path
 
@@ -74,14 +82,50 @@ def bucket_of(name: str) -> str:
     return "other torch ops"
 
 
+def aten_calls(engine: Engine, new_tokens: int) -> Counter:
+    """aten:: events by name (nested included) of one greedy request of ``new_tokens`` tokens under the profiler."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.generate([engine.make_request(prompts(1)[0], params)])
+    return Counter(e.name for e in prof.events() if e.name.startswith("aten::"))
+
+
+def count_ops(args) -> dict:
+    """aten calls per decoded token at default flags on the default model (see the module docstring)."""
+    if args.count_tokens < 3:
+        raise SystemExit("--count-tokens must be at least 3 (the count is the difference against 2 tokens)")
+    config = resolve(EngineConfig())  # the server's defaults: default model, quantization and dtype auto
+    loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
+                        batch_hint=config.max_batch)
+    engine = Engine(loaded, config)
+    aten_calls(engine, 2)  # warm-up: kernels built, caches filled
+    short, long = aten_calls(engine, 2), aten_calls(engine, args.count_tokens)
+    steps = args.count_tokens - 2
+    per_op = {name: (long[name] - short[name]) / steps for name in long | short}
+    total = sum(per_op.values())
+    print(f"default model, quantization {config.quantization}, {config.dtype}, 1 stream: "
+          f"{total:.0f} aten calls per decoded token (nested included; {steps} tokens)")
+    for name, n in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
+        print(f"  {n:8.1f}  {name}")
+    return {"quantization": config.quantization, "dtype": config.dtype, "aten_calls_per_token": total,
+            "by_op": per_op}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["base", "lora", "ia3", "prefix"], default="base")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--count-ops", action="store_true", help="aten calls per decoded token at default flags on "
+                        "the default model, one stream, instead of the batch-32 time profile")
+    parser.add_argument("--count-tokens", type=int, default=10, help="--count-ops: tokens of the long request")
+    parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
+    if args.count_ops:
+        count_ops(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = make_model_dir(root / "model")

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from loadtest.client import Result, complete_openai, openai_client
+from loadtest.client import Result, adapter_fields, complete_openai, openai_client
 from loadtest.stats import percentiles
 from loadtest.workload import RequestSpec
 from server.metrics import PREFIX
@@ -25,12 +25,15 @@ TARGETS = (("served/base", "hf/base", 1.3), ("served/lora", "served/base", 0.9),
 LONG_PROMPT_TARGET = 2.0  # ITL p99 of the running streams while a long prompt joins, at most this x without it
 
 
-async def run_batch(url: str, base_model: str, specs: list[RequestSpec]) -> tuple[list[Result], float]:
-    """All ``specs`` started together, each its own streamed OpenAI client request; (results, wall seconds)."""
+async def run_batch(url: str, base_model: str, specs: list[RequestSpec],
+                    fields=adapter_fields) -> tuple[list[Result], float]:
+    """All ``specs`` started together, each its own streamed OpenAI client request; (results, wall seconds).
+    ``fields``: how the server is told a request's adapter (``client.complete_openai``)."""
     client = openai_client(url)
     try:
         start = time.perf_counter()
-        results = await asyncio.gather(*(complete_openai(client, i, s, base_model) for i, s in enumerate(specs)))
+        results = await asyncio.gather(*(complete_openai(client, i, s, base_model, fields=fields)
+                                         for i, s in enumerate(specs)))
         return list(results), time.perf_counter() - start
     finally:
         await client.close()

@@ -166,6 +166,44 @@ def vllm_peer(vllm_venv: Path, model: Path, adapters: list[AdapterSpec], log_pat
                          base_model=_served_name(model))
 
 
+def llamacpp_bin(name: str) -> Path:
+    """A program that `make install-llamacpp` built (``llama-server``, ``llama-quantize``), in ``$LLAMACPP_DIR/bin``
+    or ``$ADAPTER_SERVER_CACHE/llamacpp/bin`` (default ``~/.cache/adapter-server``)."""
+    cache = Path(os.environ.get("ADAPTER_SERVER_CACHE", Path.home() / ".cache/adapter-server"))
+    path = Path(os.environ.get("LLAMACPP_DIR") or cache / "llamacpp") / "bin" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make install-llamacpp`")
+    return path
+
+
+def llamacpp_peer(gguf: Path, loras: list[Path], log_path: Path, *, threads: int = 2, parallel: int = 32,
+                  ctx: int = 32768) -> ServerProcess:
+    """llama.cpp's ``llama-server`` serving ``gguf`` with the LoRA GGUF files ``loras`` (ids 0.. in that order).
+
+    ``-t/-tb threads -np parallel -c ctx -cb`` as issue 23 ran it, plus ``-kvu`` (one KV pool for all slots: without
+    it each of the 32 slots holds ctx / 32 = 1,024 tokens and a 7,000-token prompt is refused) and
+    ``--slot-save-path`` (which enables ``POST /slots/{id}?action=erase``: ``erase_slots``). Every LoRA is loaded at
+    scale 0 (``--lora-scaled f:0``; ``--lora-init-without-apply`` leaves them all on, llama.cpp #28674); a request
+    turns its own on with ``"lora": [{"id": i, "scale": 1.0}]``.
+    """
+    port = free_port()
+    slots = Path(log_path).parent / f"{Path(log_path).stem}.slots"
+    slots.mkdir(parents=True, exist_ok=True)
+    argv = [str(llamacpp_bin("llama-server")), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
+            "-np", str(parallel), "-c", str(ctx), "-cb", "-kvu", "--host", LOOPBACK, "--port", str(port),
+            "--slot-save-path", str(slots)]
+    if loras:
+        argv += ["--lora-scaled", ",".join(f"{p}:0" for p in loras)]
+    return ServerProcess("llama-server", argv, port, log_path, base_model=Path(gguf).stem)
+
+
+def erase_slots(url: str, parallel: int) -> None:
+    """Empty every slot's KV cache of a llama-server (``llamacpp_peer``): a long prompt a slot keeps would stay in
+    the unified KV pool and be attended (masked) by every later step."""
+    for slot in range(parallel):
+        httpx.post(f"{url}/slots/{slot}", params={"action": "erase"}, timeout=30).raise_for_status()
+
+
 def _health_model(response: httpx.Response) -> str | None:
     """The base model name a health answer names (ours and the PEFT peer say it; vLLM's is empty)."""
     try:

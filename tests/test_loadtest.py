@@ -247,3 +247,42 @@ def test_openai_batch_and_merge_state_on_a_live_server(live):
     assert served.scrape_merge_state(live.url)["merged"] == 0
     bad, _ = asyncio.run(served.run_batch(live.url, model, [RequestSpec("no-such-adapter", [5], 2)]))
     assert not bad[0].ok and bad[0].status == 404
+
+
+def test_served_llamacpp_fields_loads_targets_and_table():
+    """bench_served --with-llamacpp's pure parts: llama-server's per-request LoRA field, the workloads, the point-6
+    targets from within-round ratios, ours' LoRA/base ratio, the table."""
+    from types import SimpleNamespace
+
+    from loadtest import served_llamacpp as sl
+    from loadtest.client import adapter_fields
+    from loadtest.workload import RequestSpec
+
+    fields = sl.llama_fields({"lora-0000": 0, "lora-0001": 1})
+    assert fields(RequestSpec("lora-0001", [1, 2], 4)) == {"lora": [{"id": 1, "scale": 1.0}]}
+    assert fields(RequestSpec(None, [1, 2], 4)) == {}
+    with pytest.raises(KeyError):
+        fields(RequestSpec("lora-0099", [1], 4))
+    with pytest.raises(ValueError):
+        fields(RequestSpec(None, [1], 4, adapters={"lora-0000": 1.0}))
+    assert adapter_fields(RequestSpec("lora-0001", [1], 4)) == {"adapter": "lora-0001"}
+
+    args = SimpleNamespace(stream_tokens=128, prompt_tokens=16, clients=32, new_tokens=64, ttft_prompts=[2000, 7000])
+    loads = sl.loads(args)
+    assert [(x.key, x.streams, x.new_tokens, x.prompt_tokens, x.lora, x.ttft) for x in loads] == [
+        ("single", 1, 128, 16, False, False), ("base", 32, 64, 16, False, False), ("lora", 32, 64, 16, True, False),
+        ("ttft-2000", 1, 1, 2000, False, True), ("ttft-7000", 1, 1, 7000, False, True)]
+
+    # (ours, llama) tok/s per load; two rounds with the machine 30% slower in the second, TTFT in round 1 only
+    values = {"single": (9, 10), "base": (300, 240), "lora": (260, 80), "ttft-2000": (400, 300), "ttft-7000": (100, 125)}
+    rounds = [{f"{who} | {key}": {"tok_s": v[i] * scale, "failed": 0}
+               for key, v in values.items() if r == 0 or not key.startswith("ttft")
+               for i, who in enumerate(("ours bf16", "llama.cpp F16"))} for r, scale in enumerate((1.0, 0.7))]
+    rows = {row["load"]: row for row in sl.summarize(rounds, ["ours bf16"], "llama.cpp F16", loads)}
+    expect = {"single": (0.9, False), "base": (1.25, True), "lora": (3.25, True), "ttft-2000": (400 / 300, True),
+              "ttft-7000": (0.8, False), "lora/base": (260 / 300, False)}
+    assert {k: (pytest.approx(r["ratio"]), r["met"]) for k, r in rows.items()} == expect
+    assert rows["single"]["ours_tok_s"] == pytest.approx(9 * 0.85) and rows["ttft-7000"]["llama_tok_s"] == 125
+    text = sl.table({"F16": {"summary": list(rows.values())}})
+    assert "| F16 | 32 streams, 64 tokens, base | ours bf16 | 255 | 204 | 1.25 | >= 1.2 | yes |" in text
+    assert "| F16 | 32 LoRAs / own base | ours bf16 | | | 0.867 | >= 0.9 | NO |" in text
