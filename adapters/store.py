@@ -17,7 +17,7 @@ replaced with temp file + fsync + ``os.replace``. On start the store finishes or
 whatever a crash left in ``.staging`` and reconciles the index with the directories present.
 
 Only ``adapter_config.json``, ``adapter_model.safetensors`` and an optional ``README.md`` are
-copied; other files in the source (tokenizer files, training state) are ignored and never read.
+copied (an AdapterHub bottleneck adapter's ``adapter.safetensors`` is stored as ``adapter_model.safetensors``); other files in the source (tokenizer files, training state) are ignored and never read.
 Pickle weight files are refused by :mod:`adapters.format`.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, inspect_adapter_dir
+from adapters.peft_files import HUB_WEIGHTS_NAME
 from adapters.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,11 @@ class AdapterStore:
         _validate_stored(name)
         src_dir = Path(src_dir)
         inspect_adapter_dir(src_dir)  # cheap refusal (pickles, bad config) before copying anything
-        files = [f for f in COPIED_FILES if (src_dir / f).is_file()]
+        # source name -> stored name: an AdapterHub adapter's adapter.safetensors is stored as WEIGHTS_NAME
+        names = {f: f for f in COPIED_FILES if (src_dir / f).is_file()}
+        if WEIGHTS_NAME not in names and (src_dir / HUB_WEIGHTS_NAME).is_file():
+            names[HUB_WEIGHTS_NAME] = WEIGHTS_NAME
+        files = list(names)
         for f in files:
             if (src_dir / f).is_symlink():
                 raise AdapterError(f"{f} in {src_dir} is a symbolic link; upload the file itself")
@@ -227,11 +232,11 @@ class AdapterStore:
         try:
             sha = ""
             for f in files:
-                digest = _copy_file(src_dir / f, staged / f)
-                if f == WEIGHTS_NAME:
+                digest = _copy_file(src_dir / f, staged / names[f])
+                if names[f] == WEIGHTS_NAME:
                     sha = digest
             fsync_path(staged)
-            size = sum((staged / f).stat().st_size for f in files)
+            size = sum((staged / names[f]).stat().st_size for f in files)
             if size > self.max_adapter_bytes:  # the source grew while we copied
                 raise AdapterTooLarge(f"adapter {name!r} is {size} bytes, over the store limit of "
                                       f"{self.max_adapter_bytes} bytes")
