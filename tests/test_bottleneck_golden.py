@@ -81,8 +81,8 @@ def test_mixed_batch_with_every_variant_equals_solo(oracle, arch):
     loaded = load_model(base, dtype=torch.float32)
     names = [None] + [n for n, _, _ in ADAPTERS] + [None]
     prompts = [PROMPTS[i % 2][: 5 + i % 4] for i in range(len(names))]
-    solo = [generate(engine_for(loaded, store, max_batch=1), [greedy_request(n, p, NEW_TOKENS)])[0]
-            for n, p in zip(names, prompts)]
+    alone = engine_for(loaded, store, max_batch=1)
+    solo = [generate(alone, [greedy_request(n, p, NEW_TOKENS)])[0] for n, p in zip(names, prompts)]
     mixed = generate(engine_for(loaded, store, max_adapter_slots=8), [greedy_request(n, p, NEW_TOKENS)
                                                                       for n, p in zip(names, prompts)])
     assert mixed == solo

@@ -235,3 +235,42 @@ class BottleneckAdapter(Adapter):
         for (layer, place), w in self.blocks.items():
             layers.bottleneck[layer].set_adapter(slot, place, w.down, w.down_bias, w.up, w.up_bias, self.activation,
                                                  self.scaling, self.reads)
+
+
+def check_saved_head(path, lm_head: torch.Tensor | None) -> bool:
+    """A saved prediction head (``model_head.safetensors`` in ``path``, from ``save_adapter(..., with_head=True)``
+    through ``adapterctl convert``) must equal the base's lm_head weight [V, H]: the server serves the base's
+    head, so a different head would be silently dropped. Equal means every [V, H] tensor of the file matches
+    within the base's dtype (its rounding: the library saves fp32). Returns True when a head was present (and
+    equal), False when there is none; raises AdapterError otherwise."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from adapters.peft_files import HUB_SAFE_HEAD_NAME
+
+    file = Path(path) / HUB_SAFE_HEAD_NAME
+    if not file.is_file():
+        return False
+    drop = "save the adapter with save_adapter(..., with_head=False), or upload it without head files"
+    if lm_head is None:
+        raise AdapterError(f"{HUB_SAFE_HEAD_NAME} is a saved prediction head, which can be checked only against a "
+                           f"loaded base's lm_head; {drop}")
+    with safe_open(str(file), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    weights = {k: t for k, t in tensors.items() if k.endswith("weight")}
+    if not weights or len(weights) != len(tensors):
+        extra = sorted(set(tensors) - set(weights))
+        raise AdapterError(f"{HUB_SAFE_HEAD_NAME} holds {extra[0] if extra else 'no weight'}: a head other than a "
+                           f"plain lm_head is not served; {drop}")
+    want = lm_head.detach().float().cpu()
+    for key, t in weights.items():
+        if tuple(t.shape) != tuple(want.shape):
+            raise AdapterError(f"{HUB_SAFE_HEAD_NAME} tensor {key!r} has shape {list(t.shape)}, but the base's "
+                               f"lm_head is {list(want.shape)}: this head is not the base's; {drop}")
+        if not torch.equal(t.to(lm_head.dtype).float(), want):
+            diff = float((t.float() - want).abs().max())
+            raise AdapterError(f"{HUB_SAFE_HEAD_NAME} tensor {key!r} differs from the base's lm_head (max "
+                               f"|difference| {diff:.3g}): the adapter was trained with its own head, which this "
+                               f"server does not serve; {drop}")
+    return True

@@ -29,6 +29,8 @@ are outside the slot-sizing budget: server.engine.slot_sizing), so servers that 
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,15 +68,22 @@ class BottleneckSlots(nn.Module):
         self.mapping = mapping
         self.dtype, self.device = dtype, device
         self.places = {p: _Place() for p in PLACES}
+        self._alloc_lock = threading.Lock()
 
     # ---- slot state ----
 
     def _allocate(self, place: _Place) -> None:
-        s, r, h = self.num_slots, self.max_width, self.hidden
-        kw = dict(dtype=self.dtype, device=self.device)
-        place.down, place.down_bias = torch.zeros(s, r, h, **kw), torch.zeros(s, r, **kw)
-        place.up, place.up_bias = torch.zeros(s, r, h, **kw), torch.zeros(s, h, **kw)
-        place.scale, place.take_sub, place.take_res = (torch.zeros(s, **kw) for _ in range(3))
+        """Allocate a place's tensors once. Slot threads write different slots of one layer at the same time
+        (server.engine.adapter_pool), so allocation is locked and ``down``, which marks it done, is set last."""
+        with self._alloc_lock:
+            if place.down is not None:
+                return
+            s, r, h = self.num_slots, self.max_width, self.hidden
+            kw = dict(dtype=self.dtype, device=self.device)
+            place.down_bias = torch.zeros(s, r, **kw)
+            place.up, place.up_bias = torch.zeros(s, r, h, **kw), torch.zeros(s, h, **kw)
+            place.scale, place.take_sub, place.take_res = (torch.zeros(s, **kw) for _ in range(3))
+            place.down = torch.zeros(s, r, h, **kw)
 
     def set_adapter(self, slot: int, where: str, down: torch.Tensor, down_bias: torch.Tensor | None,
                     up: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
@@ -122,7 +131,8 @@ class BottleneckSlots(nn.Module):
 
     def in_use(self, where: str) -> bool:
         m = self.mapping
-        return bool(m.active and m.any_bottleneck and not self.places[where].widths.keys().isdisjoint(m.slots_present))
+        # membership tests only: a slot thread may add another slot to `widths` during a forward
+        return bool(m.active and m.any_bottleneck and any(s in self.places[where].widths for s in m.slots_present))
 
     def add(self, where: str, residual: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
         """The block output ``residual + sub (+ the rows' adapters)``; residual, sub [N, T, H]."""
@@ -177,3 +187,12 @@ def uninstall_bottleneck_slots(model: nn.Module) -> None:
         if isinstance(getattr(layer, "bottleneck", None), BottleneckSlots):
             del layer.bottleneck
             layer.bottleneck = None
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The base's lm_head weight [V, H] as a plain floating tensor, or None where it is quantized or packed
+    (then a saved AdapterHub head cannot be compared with it: adapters.kinds.bottleneck.check_saved_head)."""
+    weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() == 2:
+        return weight
+    return None
