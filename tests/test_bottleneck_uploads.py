@@ -253,3 +253,10 @@ def test_mixed_batch_of_bottleneck_lora_and_base_rows_equals_solo(builtin_model_
     assert mixed == solo
     base = generate(engine_for(loaded, store, max_batch=1), [greedy_request(None, prompts[1], 6)])[0]
     assert solo[1] != base, "the bottleneck adapter must change the output"
+
+
+def test_max_adapter_width_is_an_alias_of_max_lora_rank():
+    from server.cli import parse_args
+
+    assert parse_args(["--max-adapter-width", "48"])[0].max_lora_rank == 48
+    assert parse_args(["--max-lora-rank", "24"])[0].max_lora_rank == 24

@@ -210,7 +210,8 @@ class BottleneckAdapter(Adapter):
                         f"(width int({hidden} // reduction_factor) = {width})")
             if width > max_rank:
                 raise AdapterError(f"the bottleneck width {width} (layer {layer}) is above this server's "
-                                   f"--max-lora-rank {max_rank}; raise it or use a larger reduction_factor")
+                                   f"--max-lora-rank {max_rank} (alias --max-adapter-width); raise it or use a larger "
+                                   "reduction_factor")
             get = lambda p: (None if (layer, place, p) not in keys  # noqa: E731
                              else load_tensor(handle, keys[(layer, place, p)], dtype))
             blocks[(layer, PLACES[place])] = BottleneckWeights(down=get("adapter_down.0.weight"),
