@@ -117,9 +117,9 @@ def test_pickle_and_head_files_are_refused_with_the_fix(tmp_path):
     with pytest.raises(AdapterError, match="adapterctl convert DIR"):
         inspect_adapter_dir(path)
     (path / "pytorch_adapter.bin").unlink()
-    (path / "head_config.json").write_text("{}")
+    (path / "head_config.json").write_text("{}")  # a head is checked against a loaded base's lm_head only
     with pytest.raises(AdapterError, match="with_head=False"):
-        inspect_adapter_dir(path)
+        AdapterStore(tmp_path / "store").add("a", path)
 
 
 def test_adapterctl_convert_writes_shared_tensors_once_per_name(tmp_path, capsys):
@@ -181,3 +181,23 @@ def test_slots_give_each_row_its_own_formula():
     assert not slots.in_use("attn")
     slots.clear(2)
     assert 2 not in slots.places["out"].widths and not slots.places["out"].down[2].any()
+
+
+def test_hot_bottleneck_adapter_is_never_merged(tmp_path, tiny_checkpoints):
+    """Merging folds a delta into W; a bottleneck adapter has none: the merge policy never sees it, even when it
+    holds every row, and its rows keep its output."""
+    from server.model.loader import load_model
+    from tests.test_adapters_golden import engine_for, generate, greedy_request
+
+    store = AdapterStore(tmp_path / "store")
+    bn = {"reduction_factor": 16}
+    path = hub_dir(tmp_path / "a", bn, top={"hidden_size": 128})
+    store.add("bn", path)
+    loaded = load_model(tiny_checkpoints["llama"], dtype=torch.float32)
+    plain = generate(engine_for(loaded, store, max_batch=4), [greedy_request("bn", n=6)] * 4)
+    engine = engine_for(loaded, store, max_batch=4, merge_threshold=0.5, unmerge_threshold=0.25, merge_patience=1,
+                        merge_min_batch=1)
+    assert generate(engine, [greedy_request("bn", n=6)] * 4) == plain
+    assert engine.adapters.merged_slot == 0 and engine.adapters.merge_policy.merged is None
+    base = generate(engine, [greedy_request(None, n=6)])[0]
+    assert plain[0] != base  # the adapter is served, not ignored
