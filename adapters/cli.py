@@ -26,6 +26,7 @@ import httpx
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+HUB_FILES = ("adapter_config.json", "adapter.safetensors", "README.md", "head_config.json", "model_head.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -87,12 +88,14 @@ def upload_parts(path: Path) -> list[tuple[str, tuple[str, bytes]]]:
     if not (path / "adapter_config.json").is_file():
         raise CLIError(f"{path} has no adapter_config.json; point at the directory PEFT's save_pretrained wrote",
                        EXIT_USAGE)
-    if (path / "pytorch_adapter.bin").is_file() and not (path / "adapter.safetensors").is_file():
-        raise CLIError(f"{path} holds AdapterHub's pickle pytorch_adapter.bin, which the server refuses; run "
-                       f"`adapterctl convert {path}` first", EXIT_USAGE)
+    for pickle, safe in (("pytorch_adapter.bin", "adapter.safetensors"),
+                         ("pytorch_model_head.bin", "model_head.safetensors")):
+        if (path / pickle).is_file() and not (path / safe).is_file():
+            raise CLIError(f"{path} holds AdapterHub's pickle {pickle}, which the server refuses; run "
+                           f"`adapterctl convert {path}` first", EXIT_USAGE)
     if (path / "adapter.safetensors").is_file():  # AdapterHub's format (bottleneck adapters)
-        return [("files", (name, (path / name).read_bytes()))
-                for name in ("adapter_config.json", "adapter.safetensors", "README.md") if (path / name).is_file()]
+        # a saved head goes too: the server accepts the adapter only if the head equals its lm_head
+        return [("files", (name, (path / name).read_bytes())) for name in HUB_FILES if (path / name).is_file()]
     if not (path / "adapter_model.safetensors").is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = (f" (found {pickles[0]}: pickle files are refused; save with safe_serialization=True)"

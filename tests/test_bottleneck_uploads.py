@@ -260,3 +260,17 @@ def test_max_adapter_width_is_an_alias_of_max_lora_rank():
 
     assert parse_args(["--max-adapter-width", "48"])[0].max_lora_rank == 48
     assert parse_args(["--max-lora-rank", "24"])[0].max_lora_rank == 24
+
+
+def test_adapterctl_upload_sends_the_saved_head_and_refuses_pickles(builtin_model_dir, tmp_path):
+    from adapters.cli import CLIError, upload_parts
+
+    path = hub_adapter(tmp_path / "a", builtin_model_dir)
+    save_file({"lm_head.weight": lm_head(builtin_model_dir).float().contiguous()}, str(path / "model_head.safetensors"))
+    (path / "head_config.json").write_text("{}")
+    sent = [name for _, (name, _) in upload_parts(path)]
+    assert sent == ["adapter_config.json", "adapter.safetensors", "head_config.json", "model_head.safetensors"]
+    torch.save({"lm_head.weight": torch.zeros(1)}, path / "pytorch_model_head.bin")
+    (path / "model_head.safetensors").unlink()
+    with pytest.raises(CLIError, match="pytorch_model_head.bin.*adapterctl convert"):
+        upload_parts(path)
