@@ -274,3 +274,25 @@ def test_adapterctl_upload_sends_the_saved_head_and_refuses_pickles(builtin_mode
     (path / "model_head.safetensors").unlink()
     with pytest.raises(CLIError, match="pytorch_model_head.bin.*adapterctl convert"):
         upload_parts(path)
+
+
+def test_saved_head_against_the_lm_head_table(builtin_model_dir, tmp_path):
+    from adapters.kinds.bottleneck import check_saved_head
+
+    head = lm_head(builtin_model_dir).float()
+    assert check_saved_head(tmp_path, head) is False  # no head saved
+    cases = [  # (saved tensors, base lm_head, refusal or None)
+        ({"lm_head.weight": head}, head, None),
+        ({"heads.default.0.weight": head}, head.to(torch.bfloat16), None),  # equal after the base's rounding
+        ({"lm_head.weight": head + 1e-3}, head, "differs from the base's lm_head"),
+        ({"lm_head.weight": head[:-1]}, head, "has shape"),
+        ({"lm_head.weight": head, "lm_head.bias": head[:, 0]}, head, "lm_head.bias"),
+        ({"lm_head.weight": head}, None, "quantized or packed"),
+    ]
+    for saved, base, refusal in cases:
+        save_file({k: v.contiguous() for k, v in saved.items()}, str(tmp_path / "model_head.safetensors"))
+        if refusal is None:
+            assert check_saved_head(tmp_path, base) is True
+        else:
+            with pytest.raises(AdapterError, match=refusal):
+                check_saved_head(tmp_path, base)

@@ -255,8 +255,8 @@ def check_saved_head(path, lm_head: torch.Tensor | None) -> bool:
         return False
     drop = "save the adapter with save_adapter(..., with_head=False), or upload it without head files"
     if lm_head is None:
-        raise AdapterError(f"{HUB_SAFE_HEAD_NAME} is a saved prediction head, which can be checked only against a "
-                           f"loaded base's lm_head; {drop}")
+        raise AdapterError(f"{HUB_SAFE_HEAD_NAME} is a saved prediction head, and this server's lm_head is quantized "
+                           f"or packed, so the head cannot be compared with it; {drop}")
     with safe_open(str(file), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     weights = {k: t for k, t in tensors.items() if k.endswith("weight")}
