@@ -31,6 +31,11 @@ bench-adapters: $(STAMP)
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
 
+# 32 distinct AdapterHub bottleneck adapters (houlsby, pfeiffer, parallel; reduction 16) vs base rows and 32 LoRAs
+.PHONY: bench-bottleneck
+bench-bottleneck: $(STAMP)
+	$(PY) -m loadtest.bench_bottleneck $(ARGS)
+
 # single-stream decode tok/s of each CPU weight precision (bf16 unpacked/packed, fp32, int8-wo, int4-wo, gguf), one run
 .PHONY: bench-single-stream
 bench-single-stream: $(STAMP)

@@ -296,3 +296,13 @@ def test_saved_head_against_the_lm_head_table(builtin_model_dir, tmp_path):
         else:
             with pytest.raises(AdapterError, match=refusal):
                 check_saved_head(tmp_path, base)
+
+
+def test_bench_bottleneck_writes_servable_adapters(builtin_model_dir, spec, tmp_path):
+    """loadtest.bench_bottleneck's adapters are what they say (variant, width hidden // 16)."""
+    from loadtest.bench_bottleneck import REDUCTION, VARIANTS, write_bottleneck
+
+    for i, variant in enumerate(VARIANTS):
+        adapter = load_adapter(write_bottleneck(tmp_path / variant, Path(builtin_model_dir), variant, i), spec,
+                               max_rank=64)
+        assert adapter.variant == variant and adapter.rank == spec.hidden_size // REDUCTION
