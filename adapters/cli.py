@@ -4,6 +4,7 @@
     adapterctl list [--json]
     adapterctl show NAME [--json]
     adapterctl delete NAME [--json]
+    adapterctl convert DIR [--remove-pickle]   AdapterHub pytorch_adapter.bin -> adapter.safetensors (local)
 
 Options (before or after the command): --server URL (env ADAPTERCTL_SERVER, default
 http://127.0.0.1:8000), --api-key KEY (env ADAPTERCTL_API_KEY; an admin key when the server
@@ -25,6 +26,7 @@ import httpx
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
+HUB_FILES = ("adapter_config.json", "adapter.safetensors", "README.md", "head_config.json", "model_head.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
 
@@ -86,6 +88,14 @@ def upload_parts(path: Path) -> list[tuple[str, tuple[str, bytes]]]:
     if not (path / "adapter_config.json").is_file():
         raise CLIError(f"{path} has no adapter_config.json; point at the directory PEFT's save_pretrained wrote",
                        EXIT_USAGE)
+    for pickle, safe in (("pytorch_adapter.bin", "adapter.safetensors"),
+                         ("pytorch_model_head.bin", "model_head.safetensors")):
+        if (path / pickle).is_file() and not (path / safe).is_file():
+            raise CLIError(f"{path} holds AdapterHub's pickle {pickle}, which the server refuses; run "
+                           f"`adapterctl convert {path}` first", EXIT_USAGE)
+    if (path / "adapter.safetensors").is_file():  # AdapterHub's format (bottleneck adapters)
+        # a saved head goes too: the server accepts the adapter only if the head equals its lm_head
+        return [("files", (name, (path / name).read_bytes())) for name in HUB_FILES if (path / name).is_file()]
     if not (path / "adapter_model.safetensors").is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = (f" (found {pickles[0]}: pickle files are refused; save with safe_serialization=True)"
@@ -133,6 +143,14 @@ def format_one(adapter: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.command == "convert":  # local: no server involved
+        from adapters.convert import ConvertError, convert_dir
+
+        try:
+            written = convert_dir(Path(args.path), remove_pickle=args.remove_pickle)
+        except ConvertError as exc:
+            raise CLIError(str(exc), EXIT_USAGE) from None
+        return f"wrote {written}"
     client = Client(args.server, args.api_key, args.timeout)
     if args.command == "upload":
         parts = upload_parts(Path(args.path))
@@ -186,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", metavar="NAME")
     delete = commands.add_parser("delete", parents=sub, help="delete an adapter")
     delete.add_argument("name", metavar="NAME")
+    convert = commands.add_parser("convert", parents=sub,
+                                  help="write adapter.safetensors from AdapterHub's pytorch_adapter.bin (locally)")
+    convert.add_argument("path", metavar="DIR")
+    convert.add_argument("--remove-pickle", action="store_true", help="delete pytorch_adapter.bin afterwards")
     return parser
 
 

@@ -20,7 +20,9 @@ families, at most one adapter of each of the last two:
   magnitude vector and biases of the new adapter are left untrained), so such a member may only stand
   alone in its family, at weight 1.
 * **activation scaling** (``ia3``), at weight 1;
-* **virtual tokens** (``prefix``, ``prompt``: prefix tuning, prompt tuning, P-tuning), at weight 1.
+* **virtual tokens** (``prefix``, ``prompt``: prefix tuning, prompt tuning, P-tuning), at weight 1;
+* **bottleneck** (AdapterHub houlsby / pfeiffer / parallel), at weight 1: a residual module after the
+  attention block and/or the MLP, computed over the (LoRA / IA3-)adapted sublayers.
 
 Order (what PEFT computes when the adapters are applied one over another): the weight delta is
 innermost, IA3 scales the adapted layer, the virtual tokens run through that model. That is PEFT's
@@ -41,7 +43,8 @@ COMBINATIONS = ("cat", "linear")
 DEFAULT_COMBINATION = "cat"  # exact (no cross terms); PEFT's own default, "svd", is not offered
 MAX_MEMBERS = 8
 MAX_WEIGHT = 10.0  # |weight| bound (a weight is a multiplier of the member's delta)
-FAMILY_OF_KIND = {"lora": "lora", "dora": "lora", "ia3": "ia3", "prefix": "virtual", "prompt": "virtual"}
+FAMILY_OF_KIND = {"lora": "lora", "dora": "lora", "ia3": "ia3", "prefix": "virtual", "prompt": "virtual",
+                  "bottleneck": "bottleneck"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,8 @@ def plan_composition(composition: Composition, records: dict, configs: dict, *, 
         if family is None:
             raise AdapterError(f"adapter {member.name!r} is of kind {kind!r}, which cannot be composed")
         by_family.setdefault(family, []).append(member)
-    for family, label in (("ia3", "IA3"), ("virtual", "prefix, prompt-tuning or P-tuning")):
+    for family, label in (("ia3", "IA3"), ("virtual", "prefix, prompt-tuning or P-tuning"),
+                          ("bottleneck", "bottleneck (AdapterHub)")):
         members = by_family.get(family, [])
         if len(members) > 1:
             raise AdapterError(f"adapters {members[0].name!r} and {members[1].name!r} are both {label} adapters; "

@@ -1,4 +1,4 @@
-"""Read and validate PEFT adapter directories. Never unpickles.
+"""Read and validate PEFT (and AdapterHub bottleneck) adapter directories. Never unpickles.
 
 An adapter directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` exactly as
 PEFT's ``save_pretrained`` writes them (:mod:`adapters.peft_files`). :func:`load_adapter` turns one
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from adapters.kinds import (KINDS, Adapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter,
+from adapters.kinds import (KINDS, Adapter, BottleneckAdapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter,
                             PromptAdapter)
 from adapters.peft_files import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, AdapterError, check_base_name,
                                  check_files, is_set, open_weights, read_config)
@@ -61,6 +61,9 @@ _REFUSED_IF_SET = {
 
 def kind_of(config: dict) -> type[Adapter]:
     """The adapter class for a parsed ``adapter_config.json``, after every base-independent check."""
+    if BottleneckAdapter.matches(config):  # AdapterHub's format: no peft_type, settings under "config"
+        BottleneckAdapter.check_config(config)
+        return BottleneckAdapter
     peft_type = config.get("peft_type")
     if not isinstance(peft_type, str):
         raise AdapterError(f"peft_type is missing from {CONFIG_NAME}; this is not a PEFT adapter")
@@ -113,7 +116,7 @@ def inspect_adapter_dir(path: str | Path) -> dict:
     virtual = kind.layer_state == frozenset() and bool(config.get("num_virtual_tokens"))
     return {
         "kind": kind.kind,
-        "peft_type": str(config["peft_type"]).upper(),
+        "peft_type": str(config.get("peft_type") or "ADAPTERHUB").upper(),
         "rank": int(rank),
         "target_modules": list(modules),
         "base_model": config.get("base_model_name_or_path") or None,

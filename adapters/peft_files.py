@@ -26,6 +26,14 @@ _CONVERT_HINT = (
 )
 
 
+HUB_WEIGHTS_NAME = "adapter.safetensors"  # AdapterHub's save_adapter(..., use_safetensors=True)
+HUB_PICKLES = ("pytorch_adapter.bin", "pytorch_model_head.bin")  # AdapterHub's default (pickle) files
+HUB_SAFE_HEAD_NAME = "model_head.safetensors"  # a saved prediction head (save_adapter(..., with_head=True))
+HUB_HEAD_FILES = ("head_config.json", HUB_SAFE_HEAD_NAME)  # checked against the base's lm_head, never stored
+HUB_CONVERT_HINT = ("run `adapterctl convert DIR` on a machine where you trust the file: it writes "
+                    f"{HUB_WEIGHTS_NAME} (torch.load with weights_only=True, shared tensors once per name)")
+
+
 class AdapterError(ValueError):
     """An adapter directory that cannot be served. The message names the field/file and the fix."""
 
@@ -44,8 +52,17 @@ def check_files(path: Path) -> tuple[Path, Path]:
         raise AdapterError(
             f"{pickled[0]} in {path} is a pickle file, which this server never loads (pickle can run code); "
             f"{_CONVERT_HINT}, and upload only adapter_config.json + {WEIGHTS_NAME}")
+    hub = sorted(p.name for p in path.iterdir() if p.is_file() and p.name in HUB_PICKLES)
+    if hub:
+        raise AdapterError(f"{hub[0]} in {path} is a pickle file, which this server never loads (pickle can run "
+                           f"code); {HUB_CONVERT_HINT}, and upload adapter_config.json + {HUB_WEIGHTS_NAME}")
     if not config.is_file():
         raise AdapterError(f"{CONFIG_NAME} is missing from {path}; save the adapter with PEFT's save_pretrained")
+    hub_weights = path / HUB_WEIGHTS_NAME
+    if hub_weights.is_file():
+        if weights.is_file():
+            raise AdapterError(f"{path} holds both {WEIGHTS_NAME} and {HUB_WEIGHTS_NAME}; upload one adapter at a time")
+        return config, hub_weights
     if not weights.is_file():
         others = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
         hint = f" (found pickle file {others[0]}: {_CONVERT_HINT})" if others else ""

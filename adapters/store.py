@@ -17,7 +17,7 @@ replaced with temp file + fsync + ``os.replace``. On start the store finishes or
 whatever a crash left in ``.staging`` and reconciles the index with the directories present.
 
 Only ``adapter_config.json``, ``adapter_model.safetensors`` and an optional ``README.md`` are
-copied; other files in the source (tokenizer files, training state) are ignored and never read.
+copied (an AdapterHub bottleneck adapter's ``adapter.safetensors`` is stored as ``adapter_model.safetensors``); other files in the source (tokenizer files, training state) are ignored and never read.
 Pickle weight files are refused by :mod:`adapters.format`.
 """
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME, AdapterError, inspect_adapter_dir
+from adapters.peft_files import HUB_HEAD_FILES, HUB_WEIGHTS_NAME
 from adapters.fsutil import fsync_path
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,18 @@ class AdapterStore:
         _validate_stored(name)
         src_dir = Path(src_dir)
         inspect_adapter_dir(src_dir)  # cheap refusal (pickles, bad config) before copying anything
-        files = [f for f in COPIED_FILES if (src_dir / f).is_file()]
-        for f in files:
+        # source name -> stored name: an AdapterHub adapter's adapter.safetensors is stored as WEIGHTS_NAME
+        names = {f: f for f in COPIED_FILES if (src_dir / f).is_file()}
+        if WEIGHTS_NAME not in names and (src_dir / HUB_WEIGHTS_NAME).is_file():
+            names[HUB_WEIGHTS_NAME] = WEIGHTS_NAME
+        files = list(names)
+        # an AdapterHub saved head: copied for ``validate`` to compare with the base's lm_head, then dropped
+        head = [f for f in HUB_HEAD_FILES if (src_dir / f).is_file()]
+        if head and validate is None:
+            raise AdapterError(f"{head[0]} in {src_dir} is a saved prediction head, which can be checked only "
+                               "against a loaded base; upload it to the server, or save the adapter with "
+                               "save_adapter(..., with_head=False)")
+        for f in files + head:
             if (src_dir / f).is_symlink():
                 raise AdapterError(f"{f} in {src_dir} is a symbolic link; upload the file itself")
         total = sum((src_dir / f).stat().st_size for f in files)
@@ -227,17 +238,21 @@ class AdapterStore:
         try:
             sha = ""
             for f in files:
-                digest = _copy_file(src_dir / f, staged / f)
-                if f == WEIGHTS_NAME:
+                digest = _copy_file(src_dir / f, staged / names[f])
+                if names[f] == WEIGHTS_NAME:
                     sha = digest
             fsync_path(staged)
-            size = sum((staged / f).stat().st_size for f in files)
+            size = sum((staged / names[f]).stat().st_size for f in files)
             if size > self.max_adapter_bytes:  # the source grew while we copied
                 raise AdapterTooLarge(f"adapter {name!r} is {size} bytes, over the store limit of "
                                       f"{self.max_adapter_bytes} bytes")
             record = _record(name, staged, sha, _now())  # re-check what was actually copied
+            for f in head:
+                _copy_file(src_dir / f, staged / f)
             if validate is not None:
                 validate(staged)
+            for f in head:
+                (staged / f).unlink()
             with self._locked():
                 self._commit(name, staged, record, overwrite)
         finally:

@@ -54,7 +54,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, e: EngineConfig) -> None:
     p.add_argument("--max-adapter-slots", type=int, default=_env("max_adapter_slots", e.max_adapter_slots),
                    help="distinct adapters resident on the device at once (0: as many as --adapter-slot-bytes "
                         "holds, at least --max-batch)")
-    p.add_argument("--max-lora-rank", type=int, default=_env("max_lora_rank", e.max_lora_rank))
+    p.add_argument("--max-lora-rank", "--max-adapter-width", dest="max_lora_rank", type=int,
+                   default=_env("max_lora_rank", e.max_lora_rank),
+                   help="largest LoRA rank and bottleneck adapter width (--max-adapter-width is the same flag)")
     p.add_argument("--adapter-slot-bytes", type=int, default=_env("adapter_slot_bytes", e.adapter_slot_bytes),
                    help="device memory for adapter slots, in bytes (sizes the slot count when --max-adapter-slots "
                         "is 0)")

@@ -238,6 +238,7 @@ class AdapterPool:
         m.any_lora = any("lora" in i.layer_state for i in infos)
         m.any_ia3 = any("ia3" in i.layer_state for i in infos)
         m.any_dora = any("dora" in i.layer_state for i in infos)
+        m.any_bottleneck = any("bottleneck" in i.layer_state for i in infos)
         others = [i for i, s in enumerate(slots) if s != merged] if merged else []
         m.merged_slot = merged
         m.merged_correction = torch.tensor(others, dtype=torch.long, device=self.device) if others else None

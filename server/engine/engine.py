@@ -41,6 +41,8 @@ from server.engine.streams import LoopMailbox, RequestStream
 from server.engine.structured import Grammars
 from server.engine.slot_sizing import SlotPlan, bytes_per_slot, plan_slots
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
+from adapters.kinds.bottleneck import check_saved_head
+from server.model.bottleneck_layers import lm_head_weight
 from server.model.adapter_layers import linear_shapes, slot_itemsize
 from server.model.builtin import default_cache_dir
 from server.model.kv_cache import KVCache
@@ -390,6 +392,8 @@ class Engine(TokenizerText):
     def validate_adapter(self, path, name: str) -> None:
         """Raise adapters.format.AdapterError unless the adapter at path can be served on this base."""
         self.adapters.validate(path, name)
+        if check_saved_head(path, lm_head_weight(self.loaded.model)):  # AdapterHub: equal to ours, or refused
+            log.info("adapter %s: its saved prediction head equals the base's lm_head; the base's is served", name)
 
     def invalidate_adapter(self, name: str) -> None:
         """The stored adapter changed or went away: new requests must not use cached copies (nor K/V cached

@@ -43,6 +43,7 @@ from torch import nn
 
 from adapters.peft_targets import LINEAR_MODULES
 from server.model.adapter_ops import add_lora, row_scale
+from server.model.bottleneck_layers import install_bottleneck_slots, uninstall_bottleneck_slots
 from server.model.quant import dequantized_weight
 
 TARGET_MODULES = tuple(LINEAR_MODULES)  # the one list of adapter-capable modules (adapters.peft_targets)
@@ -65,6 +66,7 @@ class BatchMapping:
     any_lora: bool = False
     any_ia3: bool = False
     any_dora: bool = False
+    any_bottleneck: bool = False  # a row's slot holds a bottleneck adapter (server.model.bottleneck_layers)
     merged_slot: int = 0
     merged_correction: torch.Tensor | None = None
     active: bool = False
@@ -265,8 +267,10 @@ def slot_itemsize(model: nn.Module) -> int:
     return model.model.embed_tokens.weight.element_size()
 
 
-def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, dict]:
-    """Wrap every decoder linear; returns the shared mapping and {(layer, module): AdapterLinear}."""
+def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> tuple[BatchMapping, "AdapterLayers"]:
+    """Wrap every decoder linear and give every decoder layer its bottleneck slots (widths bounded by the same
+    max_rank); returns the shared mapping and the AdapterLayers ({(layer, module): AdapterLinear}, with
+    ``.bottleneck`` {layer: BottleneckSlots})."""
     mapping = BatchMapping(model=model)
     dtype = model.model.embed_tokens.weight.dtype
     device = model.model.embed_tokens.weight.device
@@ -281,7 +285,7 @@ def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> t
                                         dtype, device)
                 setattr(parent, name, wrapped)
                 layers[(i, name)] = wrapped
-    return mapping, layers
+    return mapping, AdapterLayers(layers, bottleneck=install_bottleneck_slots(model, num_slots, max_rank, mapping))
 
 
 def uninstall_adapter_layers(model: nn.Module) -> None:
@@ -291,13 +295,25 @@ def uninstall_adapter_layers(model: nn.Module) -> None:
             for name, child in list(parent.named_children()):
                 if isinstance(child, AdapterLinear):
                     setattr(parent, name, child.base)
+    uninstall_bottleneck_slots(model)
     model.adapter_install = None
 
 
+class AdapterLayers(dict):
+    """{(layer, module): AdapterLinear}, the state adapters write into, plus ``bottleneck`` {layer index:
+    BottleneckSlots} (server.model.bottleneck_layers), which hold per-layer rather than per-linear state."""
+
+    def __init__(self, linears: dict, bottleneck: dict | None = None):
+        super().__init__(linears)
+        self.bottleneck = dict(bottleneck or {})
+
+
 def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
-    """Reset a slot to the identity in every layer."""
+    """Reset a slot to the identity in every layer (and its bottleneck slots, if any)."""
     for layer in layers.values():
         layer.clear(slot)
+    for block in getattr(layers, "bottleneck", {}).values():
+        block.clear(slot)
 
 
 def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter) -> None:

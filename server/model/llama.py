@@ -176,10 +176,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        # server.model.bottleneck_layers.BottleneckSlots once adapter slots are installed: the rows' bottleneck
+        # adapters (AdapterHub houlsby / pfeiffer / parallel), added after the attention block and the MLP
+        self.bottleneck = None
 
     def forward(self, x, cos, sin, step: "StepInputs"):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        bn = self.bottleneck
+        if bn is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = bn.add("attn", x, self.self_attn(self.input_layernorm(x), cos, sin, step))
+        return bn.add("out", x, self.mlp(self.post_attention_layernorm(x)))
 
 
 class Backbone(nn.Module):

@@ -1,0 +1,198 @@
+"""Bottleneck adapters (AdapterHub houlsby / pfeiffer / parallel) in the decoder layer, batched by slot.
+
+A bottleneck adapter is not a weight delta: it is a small residual module
+``f(x) = W_up act(W_down x + b_down) + b_up`` placed after a sublayer of the decoder block. One
+:class:`BottleneckSlots` per decoder layer holds, for each of the two places ("attn": after the
+attention block, "out": after the MLP), slot tensors stacked over slots 0..S (slot 0 = identity):
+
+- down [S+1, R, H] (W_down, PEFT-style [r, H] rows), down_bias [S+1, R];
+- up [S+1, R, H] (W_up transposed, [r, H]), up_bias [S+1, H];
+- scale [S+1]: the library's ``scaling`` (parallel: 4.0 by default); 0 for slots without an adapter here;
+- take_sub [S+1], take_res [S+1]: which of the sublayer output s and the block's residual input r the
+  adapter reads (1 or 0): houlsby reads s, pfeiffer s + r, parallel r.
+
+with R = --max-lora-rank (widths zero-padded). The block's output at that place is
+
+    out = r + s + scale[slot] * f_slot(take_sub[slot] * s + take_res[slot] * r)
+
+which is, per slot kind (a = attention output, h the block input, h' = h + a (+ its adapter),
+m = mlp(post_attention_layernorm(h'))): houlsby h' = h + a + f_attn(a), out = h' + m + f_out(m);
+pfeiffer out = h' + m + f(m + h'); parallel out = h' + m + scale f(h').
+
+Zero padding is exact for any activation: a padded width column has zero down row and bias, so its
+activation is act(0), and its up row is zero, so it adds nothing. Rows whose slot holds no adapter at
+a place get a delta of exactly zero (zero weights, scale 0), so their output equals ``r + s`` bit for bit.
+Rows of different activations share one batch: the activation runs per group of rows.
+
+The tensors are allocated at the first bottleneck slot written into the layer (like DoRA's scales, they
+are outside the slot-sizing budget: server.engine.slot_sizing), so servers that never see one pay nothing.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PLACES = ("attn", "out")
+# The library's activation names (transformers ACT2FN, via adapters' Activation_Function_Class).
+ACTIVATIONS = {
+    "relu": F.relu,
+    "swish": F.silu,
+    "silu": F.silu,
+    "gelu": F.gelu,  # transformers GELUActivation: the exact erf form
+    "tanh": torch.tanh,
+}
+# What the adapter reads at its place: (take the sublayer output, take the residual input).
+INPUTS = {"sublayer": (1.0, 0.0), "sum": (1.0, 1.0), "residual": (0.0, 1.0)}
+
+
+class _Place:
+    """Slot tensors of one place (allocated on first use)."""
+
+    def __init__(self) -> None:
+        self.down = self.down_bias = self.up = self.up_bias = None
+        self.scale = self.take_sub = self.take_res = None
+        self.widths: dict[int, int] = {}       # slot -> width
+        self.activation: dict[int, str] = {}   # slot -> activation name
+
+
+class BottleneckSlots(nn.Module):
+    """Bottleneck adapters of one decoder layer for every slot (see the module docstring)."""
+
+    def __init__(self, num_slots: int, max_width: int, hidden: int, mapping, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__()
+        self.num_slots, self.max_width, self.hidden = num_slots + 1, max_width, hidden
+        self.mapping = mapping
+        self.dtype, self.device = dtype, device
+        self.places = {p: _Place() for p in PLACES}
+        self._alloc_lock = threading.Lock()
+
+    # ---- slot state ----
+
+    def _allocate(self, place: _Place) -> None:
+        """Allocate a place's tensors once. Slot threads write different slots of one layer at the same time
+        (server.engine.adapter_pool), so allocation is locked and ``down``, which marks it done, is set last."""
+        with self._alloc_lock:
+            if place.down is not None:
+                return
+            s, r, h = self.num_slots, self.max_width, self.hidden
+            kw = dict(dtype=self.dtype, device=self.device)
+            place.down_bias = torch.zeros(s, r, **kw)
+            place.up, place.up_bias = torch.zeros(s, r, h, **kw), torch.zeros(s, h, **kw)
+            place.scale, place.take_sub, place.take_res = (torch.zeros(s, **kw) for _ in range(3))
+            place.down = torch.zeros(s, r, h, **kw)
+
+    def set_adapter(self, slot: int, where: str, down: torch.Tensor, down_bias: torch.Tensor | None,
+                    up: torch.Tensor, up_bias: torch.Tensor | None, activation: str, scaling: float,
+                    reads: str) -> None:
+        """One adapter at ``where`` ("attn" | "out"): down [r, H], down_bias [r], up [H, r] (the library's
+        shapes), ``reads`` one of INPUTS."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}")
+        r = int(down.shape[0])
+        if r > self.max_width:
+            raise ValueError(f"bottleneck width {r} is above the slots' maximum {self.max_width}")
+        place = self.places[where]
+        if place.down is None:
+            self._allocate(place)
+        self._clear_place(place, slot)
+        place.down[slot, :r] = down.to(self.dtype)
+        place.up[slot, :r] = up.t().to(self.dtype)
+        if down_bias is not None:
+            place.down_bias[slot, :r] = down_bias.to(self.dtype)
+        if up_bias is not None:
+            place.up_bias[slot] = up_bias.to(self.dtype)
+        place.scale[slot] = float(scaling)
+        place.take_sub[slot], place.take_res[slot] = INPUTS[reads]
+        place.widths[slot] = r
+        place.activation[slot] = activation
+
+    def clear(self, slot: int) -> None:
+        for place in self.places.values():
+            self._clear_place(place, slot)
+
+    @staticmethod
+    def _clear_place(place: _Place, slot: int) -> None:
+        r = place.widths.pop(slot, 0)
+        place.activation.pop(slot, None)
+        if place.down is None or not r:
+            return
+        place.down[slot, :r].zero_()
+        place.down_bias[slot, :r].zero_()
+        place.up[slot, :r].zero_()
+        place.up_bias[slot].zero_()
+        place.scale[slot] = 0.0
+        place.take_sub[slot] = place.take_res[slot] = 0.0
+
+    # ---- forward ----
+
+    def in_use(self, where: str) -> bool:
+        m = self.mapping
+        # membership tests only: a slot thread may add another slot to `widths` during a forward
+        return bool(m.active and m.any_bottleneck and any(s in self.places[where].widths for s in m.slots_present))
+
+    def add(self, where: str, residual: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        """The block output ``residual + sub (+ the rows' adapters)``; residual, sub [N, T, H]."""
+        if not self.in_use(where):
+            return residual + sub
+        place, m = self.places[where], self.mapping
+        present = [s for s in m.slots_present if s in place.widths]
+        width = max(place.widths[s] for s in present)
+        if m.uniform_slot is not None or m.slot_of_row.numel() == 1:
+            s = int(m.slot_of_row[0]) if m.uniform_slot is None else m.uniform_slot
+            x = sub * place.take_sub[s] + residual * place.take_res[s]
+            z = ACTIVATIONS[place.activation[s]](x @ place.down[s, :width].t() + place.down_bias[s, :width])
+            return residual + sub + (z @ place.up[s, :width] + place.up_bias[s]) * place.scale[s]
+        slots = m.slot_of_row
+        per_row = lambda t: t.index_select(0, slots)[:, None, None]  # noqa: E731 - [N] -> [N, 1, 1]
+        x = sub * per_row(place.take_sub) + residual * per_row(place.take_res)
+        down = place.down[:, :width].index_select(0, slots)  # [N, w, H]
+        z = torch.baddbmm(place.down_bias[:, :width].index_select(0, slots)[:, None, :], x, down.transpose(1, 2))
+        z = self._activate(z, place, present, slots)
+        y = torch.baddbmm(place.up_bias.index_select(0, slots)[:, None, :], z,
+                          place.up[:, :width].index_select(0, slots))  # [N, T, H]
+        return residual + sub + y * per_row(place.scale)
+
+    @staticmethod
+    def _activate(z: torch.Tensor, place: _Place, present: list[int], slots: torch.Tensor) -> torch.Tensor:
+        """Each row's own activation on z [N, T, w] (rows without an adapter here: any; their up is zero)."""
+        names = sorted({place.activation[s] for s in present})
+        if len(names) == 1:
+            return ACTIVATIONS[names[0]](z)
+        out = ACTIVATIONS[names[0]](z)
+        for name in names[1:]:
+            rows = torch.tensor([place.activation.get(int(s)) == name for s in slots.tolist()], device=z.device)
+            out = torch.where(rows[:, None, None], ACTIVATIONS[name](z), out)
+        return out
+
+
+def install_bottleneck_slots(model: nn.Module, num_slots: int, max_width: int, mapping) -> dict:
+    """Attach one BottleneckSlots to every decoder layer; returns {layer index: BottleneckSlots}."""
+    dtype = model.model.embed_tokens.weight.dtype
+    device = model.model.embed_tokens.weight.device
+    out = {}
+    for i, layer in enumerate(model.model.layers):
+        slots = BottleneckSlots(num_slots, max_width, model.args.hidden_size if hasattr(model, "args")
+                                else model.model.embed_tokens.weight.shape[1], mapping, dtype, device)
+        layer.bottleneck = slots
+        out[i] = slots
+    return out
+
+
+def uninstall_bottleneck_slots(model: nn.Module) -> None:
+    for layer in model.model.layers:
+        if isinstance(getattr(layer, "bottleneck", None), BottleneckSlots):
+            del layer.bottleneck
+            layer.bottleneck = None
+
+
+def lm_head_weight(model: nn.Module) -> torch.Tensor | None:
+    """The base's lm_head weight [V, H] as a plain floating tensor, or None where it is quantized or packed
+    (then a saved AdapterHub head cannot be compared with it: adapters.kinds.bottleneck.check_saved_head)."""
+    weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype.is_floating_point and weight.dim() == 2:
+        return weight
+    return None

@@ -1,0 +1,74 @@
+"""Run the AdapterHub oracle (scripts/adapterhub_oracle.py) in its own venv, outside the repository root.
+
+The venv is `.venv-adapterhub` (``make install-adapterhub``, scripts/adapterhub_setup.sh), or the python named
+by ADAPTERHUB_PYTHON. Our package ``adapters`` shadows the library's, so the oracle runs as a subprocess whose
+working directory is a temp dir and whose sys.path never holds the repository root (``python -I``: isolated
+mode ignores PYTHONPATH and the user site, and puts only the script's own directory first).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from server.model import builtin
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "adapterhub_oracle.py"
+
+
+def oracle_python() -> Path | None:
+    path = Path(os.environ.get("ADAPTERHUB_PYTHON") or ROOT / ".venv-adapterhub" / "bin" / "python")
+    return path if path.is_file() else None
+
+
+SKIP_REASON = ("the AdapterHub oracle venv is absent: run `make install-adapterhub` (adapters==1.3.0, "
+               "transformers==4.57.6, torch==2.13.0 in .venv-adapterhub) or set ADAPTERHUB_PYTHON")
+
+
+def run_oracle(specs: list[dict], out: Path) -> dict[str, dict]:
+    """Build each spec's tiny base and adapters with the library under ``out / tag`` (one process) and return
+    {tag: reference} (reference: {"base" | adapter name: [{"logits": [V], "tokens": [n]} per prompt]}). Each
+    base dir gets our built-in tokenizer files, so the server loads it like any checkpoint."""
+    python = oracle_python()
+    assert python is not None, SKIP_REASON
+    tokenizer = builtin.build_tokenizer()
+    specs = [{"vocab_size": tokenizer.get_vocab_size(), **spec} for spec in specs]
+    # The library's output depends only on the specs, the script and the venv: cached next to the venv (git
+    # ignores it), so a rerun pays our side only (the oracle takes ~1 minute on 2 busy cores).
+    key = hashlib.sha256(json.dumps(specs, sort_keys=True).encode() + SCRIPT.read_bytes()
+                         + str(python.resolve()).encode()).hexdigest()[:16]
+    cache = python.parent.parent / "oracle-cache" / key
+    if not (cache / "done").is_file():
+        _run(python, specs, cache)
+        (cache / "done").write_text("")
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(cache, out)
+    return {spec["tag"]: json.loads((out / spec["tag"] / "reference.json").read_text()) for spec in specs}
+
+
+def _run(python: Path, specs: list[dict], out: Path) -> None:
+    tokenizer = builtin.build_tokenizer()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "oracle-cwd"
+    work.mkdir(exist_ok=True)
+    script = work / SCRIPT.name  # a copy: the script's directory is what -I puts on sys.path
+    shutil.copy(SCRIPT, script)
+    (work / "spec.json").write_text(json.dumps(specs))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([str(python), "-I", str(script), "spec.json", str(out)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"the AdapterHub oracle failed:\n{done.stderr[-4000:]}")
+    configs = builtin._configs(tokenizer)
+    for spec in specs:
+        model = out / spec["tag"] / "model"
+        tokenizer.save(str(model / "tokenizer.json"))
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            (model / name).write_text(json.dumps(configs[name]))
+    shutil.rmtree(work)
