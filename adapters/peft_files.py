@@ -8,6 +8,7 @@ tensor or file and says what to do about it).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,9 @@ def load_tensor(handle: Any, key: str, dtype: torch.dtype) -> torch.Tensor:
     if not t.is_floating_point():
         raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} has dtype {t.dtype}; adapter weights must be floating point")
     t = t.to(dtype)
-    if not torch.isfinite(t).all():
+    # NaN propagates through aminmax and an Inf is an extreme: one pass and no [numel] bool tensor. isfinite().all()
+    # cost 5-7x more: 30 of a rank-64 adapter's 77 ms store read (issue 26).
+    low, high = torch.aminmax(t) if t.numel() else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise AdapterError(f"tensor {key!r} in {WEIGHTS_NAME} holds NaN or Inf values")
     return t.contiguous()

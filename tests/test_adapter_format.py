@@ -293,9 +293,13 @@ def test_lora_weight_refusals(tmp_path):
     write({k: v for k, v in good.items() if k != a_key})
     with pytest.raises(AdapterError, match="lacks lora_A for model.layers.0.self_attn.q_proj"):
         load_adapter(path, spec(), max_rank=8)
-    write({**good, a_key: torch.full((4, 128), float("nan"))})
-    with pytest.raises(AdapterError, match="NaN"):
-        load_adapter(path, spec(), max_rank=8)
+    for bad in (float("nan"), float("inf"), float("-inf")):  # one element among finite ones, and a whole tensor
+        one = good[a_key].clone()
+        one[2, 77] = bad
+        for tensor in (one, torch.full((4, 128), bad)):
+            write({**good, a_key: tensor})
+            with pytest.raises(AdapterError, match="NaN or Inf"):
+                load_adapter(path, spec(), max_rank=8)
     write(good)
     # shapes that do not fit: a base with another hidden size
     with pytest.raises(AdapterError, match=r"shape \[4, 128\], expected \[4, 64\]"):

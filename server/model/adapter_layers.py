@@ -138,6 +138,9 @@ class AdapterLinear(nn.Module):
         outside ia3_*_slots are ones, so a slot change costs the adapter's own bytes, not a memset of the whole
         rank-R slot (40 MB at R = 64 on the default model)."""
         rank = self.lora_ranks[slot]
+        if not rank and slot not in self.ia3_out_slots and slot not in self.ia3_in_slots \
+                and slot not in self.dora_slots and slot not in self.bias_slots:
+            return  # already the identity (a layer the slot's adapter did not touch): no tensor writes
         if rank:
             self.lora_a[slot, :rank].zero_()
             self.lora_b[slot, :rank].zero_()
@@ -167,8 +170,8 @@ class AdapterLinear(nn.Module):
         if old > r:  # keep rows past the rank zero (clear relies on it)
             self.lora_a[slot, r:old].zero_()
             self.lora_b[slot, r:old].zero_()
-        self.lora_a[slot, :r] = a.to(self.lora_a.dtype)
-        self.lora_b[slot, :r] = (b * scaling).t().to(self.lora_b.dtype)
+        self.lora_a[slot, :r] = a
+        torch.mul(b.t(), scaling, out=self.lora_b[slot, :r])  # in b's dtype, rounded once into the slot's
         self.lora_rank[slot] = r
         self.lora_ranks[slot] = r
 
