@@ -212,6 +212,50 @@ def test_a_slow_slot_copy_runs_off_the_engine_thread(loaded, store):
     assert again.output_token_ids == slow.output_token_ids
 
 
+def _stage_until(engine, done, deadline_s=30.0):
+    """Stage the waiting requests (what each step does first) until done(), without running a step."""
+    deadline = time.monotonic() + deadline_s
+    while not done():
+        engine.adapters.stage(engine.scheduler.waiting, engine.config.max_batch)
+        time.sleep(0.002)
+        assert time.monotonic() < deadline, "staging made no progress"
+
+
+@pytest.mark.parametrize("slots, staged", [(4, 3), (2, 1), (1, 0)])  # num_slots - max_batch requests staged
+def test_waiting_requests_get_their_slots_before_a_row(loaded, store, slots, staged):
+    """Requests queued behind a full batch take their adapter's slot while they wait (store read and copy
+    overlap the queue), at most num_slots - max_batch of them, in admission order; each is then admitted on
+    the slot it holds, and its tokens are its adapter's alone. An abort while waiting gives the slot back."""
+    config = EngineConfig(max_batch=1, max_seq_len=64, max_adapter_slots=slots)
+    engine = Engine(loaded, config, store=store)
+    names = ["lora-0", "lora-1", "lora-2", "r8", "r64"]
+    requests = [engine.make_request([1, 2, 3], greedy(3), adapter=name) for name in names]
+    for r in requests:
+        engine.submit(r, lambda o: None)
+    engine._drain_inbox()
+    _stage_until(engine, lambda: all(r.slot for r in requests[:staged]))
+    time.sleep(0.05)  # a request past the bound would have had time to get one too
+    engine.adapters.stage(engine.scheduler.waiting, config.max_batch)
+    assert [bool(r.slot) for r in requests] == [i < staged for i in range(len(names))]
+    assert all(r.status is Status.WAITING for r in requests)
+    table = engine.adapters.table
+    referenced = lambda: sum(table.refs(slot) for slot in range(1, table.num_slots + 1))  # noqa: E731
+    assert referenced() == staged
+    if staged:
+        aborted = requests[staged - 1]
+        engine.abort(aborted.request_id)
+        engine._drain_inbox()
+        assert aborted.slot == 0 and referenced() == staged - 1
+        requests.remove(aborted)
+    _run_until(engine, lambda: all(r.status is Status.FINISHED for r in requests))
+    assert referenced() == 0
+    for r in requests:
+        solo = Engine(loaded, EngineConfig(max_batch=1, max_seq_len=64), store=store)
+        again = solo.make_request([1, 2, 3], greedy(3), adapter=r.adapter)
+        solo.generate([again])
+        assert r.output_token_ids == again.output_token_ids, r.adapter
+
+
 def test_slot_wait_and_residency_metrics(loaded, store):
     engine = Engine(loaded, EngineConfig(max_batch=4, max_seq_len=64), store=store)
     engine.metrics = metrics = Metrics()

@@ -36,6 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from adapters.composition import Composition, member_versions, names_of, resolve, version_key
@@ -101,6 +102,7 @@ class AdapterPool:
         self._write_failed: dict[str, BaseException] = {}
         self._retire_after_write: set[str] = set()
         self._waiting_since: dict[str, float] = {}    # request id -> when it first waited for its slot
+        self._staged: set[str] = set()                 # ids of waiting requests `stage` got (or is getting) a slot for
 
     # ---- any thread ----
 
@@ -166,6 +168,9 @@ class AdapterPool:
         key = request.adapter_version
         if key is None:
             return True
+        if request.slot:  # staged while it waited: admitted on the slot it holds
+            self._staged.discard(request.request_id)
+            return True
         self._finish_writes()
         error = self._write_failed.pop(key, None)
         if error is not None:
@@ -202,11 +207,37 @@ class AdapterPool:
         self._waited(request, missed=True)
         return True
 
+    def stage(self, waiting: Iterable[Request], max_batch: int) -> None:
+        """Before each plan: the first waiting requests (in admission order) take their adapter's slot while
+        they wait for a row, so the store read and the slot copy overlap the queue, not the request's turn.
+
+        Without it the copy started only once a row was free and the request reached the head of the queue
+        (the scheduler asks `try_acquire` only then); the row then stayed empty for at least one step while the
+        copy ran. A staged request holds a slot reference until it is admitted (kept) or leaves (released). At
+        most num_slots - max_batch requests are staged, so the running rows, at most max_batch adapters, always
+        find slots; with no more slots than rows nothing is staged."""
+        room = self.table.num_slots - max_batch
+        if room <= 0:
+            return
+        for request in waiting:
+            if len(self._staged) >= room and request.request_id not in self._staged:
+                break
+            key = request.adapter_version
+            if key is None or request.slot or key in self._write_failed:
+                continue
+            self._staged.add(request.request_id)
+            try:
+                self.try_acquire(request)
+            except AdapterLoadFailed as exc:  # kept for the scheduler's try at admission, which fails the request
+                self._write_failed[key] = exc
+                self._staged.discard(request.request_id)
+
     def release(self, request: Request) -> None:
         if request.slot:
             self.table.release(request.slot)
             request.slot = 0
         self._waiting_since.pop(request.request_id, None)
+        self._staged.discard(request.request_id)
         self._gauge()
 
     @contextmanager

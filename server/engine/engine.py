@@ -273,6 +273,7 @@ class Engine(TokenizerText):
         """One engine step: plan it, run its forwards, then apply what they produced. Returns whether there was
         nothing to do (every waiting request waits for its adapter)."""
         self._check_merged()
+        self.adapters.stage(self.scheduler.waiting, self.config.max_batch)  # slot copies overlap the queue wait
         plan = self.scheduler.schedule()
         if plan.empty:
             return True
