@@ -74,6 +74,9 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=Path("docs/benchmarks/many_adapters.json"))
     p.add_argument("--work", type=Path, default=None, help="adapters, store and server log (default: a temp dir)")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="an extra server flag, repeated (e.g. --server-arg=--adapter-slot-bytes=4294967296); the "
+                   "issue's run uses none: default flags")
     return p.parse_args(argv)
 
 
@@ -185,10 +188,31 @@ async def closed_batch(url: str, base_model: str, specs: list[RequestSpec]):
         await client.aclose()
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of a process's threads, by OS thread name without its ``_N`` suffix: "engine"
+    (the step loop and the OpenMP workers it started), "adapter-load", "adapter-slot", and the rest under their
+    own names (the HTTP event loop is the process's name). Empty where /proc is missing."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread ended
+        name = stat[stat.index("(") + 1:stat.rindex(")")].rsplit("_", 1)[0]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def run_scenario(srv: ServerProcess, name: str, specs: list[RequestSpec], arrivals: list[float]) -> dict:
-    before = scrape(srv.url)
+    before, cpu_before = scrape(srv.url), thread_cpu(srv.proc.pid)
     results, start = asyncio.run(open_loop(srv.url, srv.base_model, specs, arrivals))
-    after = scrape(srv.url)
+    after, cpu_after = scrape(srv.url), thread_cpu(srv.proc.pid)
     ok = [r for r in results if r.ok]
     end = max((r.done for r in ok), default=start)
     tokens = sum(r.completion_tokens for r in ok)
@@ -202,12 +226,18 @@ def run_scenario(srv: ServerProcess, name: str, specs: list[RequestSpec], arriva
            "slot_hits": hits, "slot_misses": misses, "store_loads": loads, "evictions": d[COUNTERS[3]],
            "slot_wait_mean_s": (d[SLOT_WAIT + "_sum"] / d[SLOT_WAIT + "_count"]) if d[SLOT_WAIT + "_count"] else None,
            "resident_device": after.get("resident_device"), "resident_cpu": after.get("resident_cpu")}
+    # where the server's CPU went, as shares of the scenario's wall time on every core (the profile that says what
+    # adapter loads cost the step loop: on 2 cores a loading thread takes its time from the engine's)
+    cores = os.cpu_count() or 1
+    out["server_cpu_share"] = {k: round((v - cpu_before.get(k, 0.0)) / ((end - start) * cores), 4)
+                               for k, v in sorted(cpu_after.items()) if v - cpu_before.get(k, 0.0) > 0} \
+        if end > start else {}
     errors = sorted({r.error for r in results if not r.ok})
     if errors:
         out["errors"] = errors[:3]
     print(f"{name}: {out['tok_s']:.1f} tok/s, TTFT p50 {out['ttft_p50']:.3f} s p99 {out['ttft_p99']:.3f} s, "
-          f"slot hits {out['slot_hit_rate']}, CPU hits {out['cpu_hit_rate']}, {len(ok)}/{len(results)} ok",
-          flush=True)
+          f"slot hits {out['slot_hit_rate']}, CPU hits {out['cpu_hit_rate']}, {len(ok)}/{len(results)} ok; server CPU "
+          f"(share of {os.cpu_count()} cores): {json.dumps(out['server_cpu_share'])}", flush=True)
     return out
 
 
@@ -249,7 +279,7 @@ def run(args, work: Path) -> dict:
         return [rng.choice(pool) for _ in range(args.prompt_tokens)]
 
     port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "--adapter-dir", str(store), "--port", str(port)]
+    argv = [sys.executable, "-m", "server.cli", "--adapter-dir", str(store), "--port", str(port), *args.server_arg]
     with ServerProcess("adapter-server", argv, port, work / "server.log", base_model=DEFAULT_MODEL_NAME) as srv:
         print("server:", " ".join(argv), flush=True)
         asyncio.run(closed_batch(srv.url, srv.base_model, [RequestSpec(None, prompt(), 8)

@@ -317,3 +317,29 @@ def test_the_benchmark_store_holds_every_rank_and_each_adapter_loads(base, tmp_p
     for name in ("a0003", "a0007"):  # rank 64, two different weight files
         assert load_adapter(store.path(name), spec, max_rank=64, name=name).rank == 64
     assert store.get("a0003").sha256 != store.get("a0007").sha256
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread CPU times come from Linux /proc")
+def test_the_benchmark_reads_cpu_time_per_named_thread():
+    """bench_many_adapters splits the server's CPU by OS thread name; our threads name themselves."""
+    from loadtest.bench_many_adapters import thread_cpu
+    from server.engine.threads import inline_parallel_ops
+
+    burned, done = threading.Event(), threading.Event()
+
+    def burn():
+        inline_parallel_ops()  # what the adapter threads run first: names the OS thread
+        start = time.thread_time()
+        while time.thread_time() - start < 0.2:
+            pass
+        burned.set()
+        done.wait(30)  # alive (and listed in /proc) until read
+
+    before = thread_cpu(os.getpid()).get("adapter-load", 0.0)
+    worker = threading.Thread(target=burn, name="adapter-load_7")
+    worker.start()
+    assert burned.wait(30)
+    during = thread_cpu(os.getpid())
+    done.set()
+    worker.join()
+    assert during.get("adapter-load", 0.0) - before >= 0.15, during

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -39,8 +40,21 @@ def serial() -> Iterator[int]:
 
 
 def adopt(threads: int) -> None:
-    """Called first in the thread that runs every forward: torch's thread count there (and its default)."""
+    """Called first in the thread that runs every forward: torch's thread count there (and its default). The
+    OpenMP workers it starts inherit its OS name ("engine")."""
+    name_os_thread()
     torch.set_num_threads(max(1, threads))
+
+
+def name_os_thread() -> None:
+    """Give the calling thread its Python name at the OS level too (Linux ``prctl(PR_SET_NAME)``, 15 bytes), so
+    ``top -H``, ``ps -L`` and /proc/<pid>/task/*/comm tell the engine, its OpenMP workers and the adapter threads
+    apart (loadtest.bench_many_adapters reads each one's CPU time). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, threading.current_thread().name.encode()[:15], 0, 0, 0)  # 15 = PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def inline_parallel_ops() -> None:
@@ -51,6 +65,7 @@ def inline_parallel_ops() -> None:
     calls libgomp's `omp_set_num_threads(1)`, after torch's lazy per-thread initialisation
     (which would set it back). A no-op where torch runs on no libgomp (macOS, Intel OpenMP).
     """
+    name_os_thread()
     torch.get_num_threads()  # torch initialises this thread's OpenMP count on first use
     libgomp = _libgomp()
     if libgomp is not None:
