@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from adapters.kinds.bottleneck import expected_width
 from adapters.peft_files import CONFIG_NAME, HUB_WEIGHTS_NAME
 from adapters.train_config import SERVER_MAX_RANK, TrainConfig, TrainError, log
 from server.model.bottleneck_layers import ACTIVATIONS
@@ -82,9 +83,10 @@ def library_config(kind: str, reduction_factor: float | None = None, activation:
     return config
 
 
-def width(config: dict, hidden: int) -> int:
-    """The library's bottleneck width: ``int(hidden // reduction_factor)``, at least 1 (576 // 16 = 36)."""
-    return max(1, int(hidden // config["reduction_factor"]))
+def width(config: dict, hidden: int, layer: int = 0) -> int:
+    """The library's bottleneck width at ``layer``: ``int(hidden // reduction_factor)``, at least 1 (576 // 16 =
+    36); a per-layer mapping as the library reads it (the server's own rule, adapters.kinds.bottleneck)."""
+    return expected_width(config, hidden, layer)
 
 
 def check(config: TrainConfig, hidden: int) -> int:
@@ -145,7 +147,8 @@ class BottleneckAdapters(nn.Module):
         places = [p for p, flag in (("attention", "mh_adapter"), ("output", "output_adapter")) if config[flag]]
         leave_out = set(config.get("leave_out") or [])
         self.modules_by_place = nn.ModuleDict({
-            f"{i}_{p}": Bottleneck(hidden, width(config, hidden), config["non_linearity"], config["init_weights"])
+            f"{i}_{p}": Bottleneck(hidden, width(config, hidden, i), config["non_linearity"],
+                                   config.get("init_weights", "bert"))
             for i in range(num_layers) if i not in leave_out for p in places})
         self._handles: list = []
 

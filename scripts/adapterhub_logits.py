@@ -6,9 +6,10 @@ Like scripts/adapterhub_oracle.py it must run outside the repository root (our p
     python adapterhub_logits.py SPEC.json OUT.json
 
 SPEC: {"base": DIR (a Hugging Face checkpoint), "quantization": "none" | "nf4", "prompts": [[ids...], ...],
-       "adapters": [DIR, ...] (AdapterHub dirs: adapter_config.json + adapter.safetensors)}
+       "adapters": [DIR, ...] (AdapterHub dirs: adapter_config.json + adapter.safetensors), "new_tokens": n (0)}
 OUT: {"base": [[V logits of the last prompt token] per prompt], DIR: [...] per adapter}, fp32, by full
-recomputation (``use_cache=False``) with eager attention. "nf4" loads the base through bitsandbytes (4-bit NF4
+recomputation (``use_cache=False``) with eager attention; with new_tokens, also {"tokens": {"base" | DIR: [[n greedy
+tokens] per prompt]}}, each step recomputed in full. "nf4" loads the base through bitsandbytes (4-bit NF4
 weights, fp32 compute, on the CPU), as `transformers` + `adapters` users run QLoRA-style bases.
 """
 from __future__ import annotations
@@ -38,14 +39,29 @@ def main() -> None:
         return [model(input_ids=torch.tensor([p]), use_cache=False).logits[0, -1].float().tolist()
                 for p in spec["prompts"]]
 
-    out = {"base": logits()}
+    @torch.no_grad()
+    def greedy(prompt: list[int], n: int) -> list[int]:
+        ids, tokens = list(prompt), []
+        for _ in range(n):
+            tokens.append(int(model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+            ids.append(tokens[-1])
+        return tokens
+
+    n = int(spec.get("new_tokens", 0))
+    out, tokens = {"base": logits()}, {}
+    if n:
+        tokens["base"] = [greedy(p, n) for p in spec["prompts"]]
     for path in spec["adapters"]:
         name = model.load_adapter(path, use_safetensors=True)
         model.set_active_adapters(name)
         model.eval()
         out[path] = logits()
+        if n:
+            tokens[path] = [greedy(p, n) for p in spec["prompts"]]
         model.set_active_adapters(None)
         model.delete_adapter(name)
+    if n:
+        out["tokens"] = tokens
     Path(sys.argv[2]).write_text(json.dumps(out))
 
 
