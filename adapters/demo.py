@@ -39,7 +39,10 @@ DATA = Path(__file__).resolve().parent / "demo_data"
 TRAIN, HELDOUT = DATA / "shout_train.jsonl", DATA / "shout_heldout.jsonl"
 # demo name -> TrainConfig options besides the data (the name is the --kind unless "kind" says otherwise)
 KINDS = {"lora": {}, "lora-bias": {"kind": "lora", "lora_bias": True}, "dora": {}, "ia3": {}, "prefix": {},
-         "prompt": {}, "ptuning": {}}
+         "prompt": {}, "ptuning": {},
+         # AdapterHub bottleneck adapters (adapters.train_bottleneck); parallel at reduction 16 (width 36): the
+         # library's 2 gives width 288, above the demo server's default --max-lora-rank 64
+         "houlsby": {}, "pfeiffer": {}, "parallel": {"reduction_factor": 16}}
 MAX_WORDS = 6
 
 
@@ -105,7 +108,7 @@ def train_all(work: Path, threads: int, kinds=tuple(KINDS), quantization: str = 
     for name in kinds:
         options = dict(KINDS[name])
         kind = options.pop("kind", name)
-        flags = "".join(f" --{k.replace('_', '-')}" for k, v in options.items() if v is True)
+        flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
         if quantization != "none":
             flags += f" --quantization {quantization}"
         print(f"$ adapterctl train --kind {kind}{flags} --data {TRAIN.name} --eval-data {HELDOUT.name} --out {name} "
