@@ -3,7 +3,8 @@
     python -m adapters.demo [--kinds lora,ia3,...] [--server URL] [--threads N] [--max-tokens N]
 
 The kinds (:data:`KINDS`): LoRA, LoRA with a trained lora_B bias (``--lora-bias``), DoRA, IA3, prefix
-tuning, prompt tuning and P-tuning, each with the trainer's defaults (``--kinds`` picks some).
+tuning, prompt tuning, P-tuning and AdapterHub's houlsby, pfeiffer and parallel bottleneck adapters (parallel at
+reduction 16), each with the trainer's defaults (``--kinds`` picks some).
 
 The task ("shout"): answer in a short shout -- at most six words, all capitals, ending with "!".
 SmolLM2-135M-Instruct never answers that way by itself (it writes ordinary sentences). Training
