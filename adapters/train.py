@@ -8,6 +8,9 @@ dataset (see :mod:`adapters.dataset`), and writes a standard PEFT directory -- e
 ``adapter_config.json`` + ``adapter_model.safetensors`` -- that PEFT's ``from_pretrained`` and this
 project's server load without conversion.
 
+* ``--kind houlsby|pfeiffer|parallel``: AdapterHub bottleneck adapters, trained with our own modules (not the
+  library, which needs transformers 4.57) and written in the library's format (``adapter_config.json`` +
+  ``adapter.safetensors``), which the library and the server both load (:mod:`adapters.train_bottleneck`).
 * The step rule: without ``--steps``, training runs ``max(ceil(epochs * ceil(rows / batch)), --min-steps)``
   optimizer steps (``--epochs`` 3, ``--min-steps`` 30 by default): 12 rows at batch 4 are 30 steps
   (10 epochs), not 9; from 40 rows on, epochs decide. Measured on the default model with the demo
