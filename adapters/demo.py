@@ -3,7 +3,8 @@
     python -m adapters.demo [--kinds lora,ia3,...] [--server URL] [--threads N] [--max-tokens N]
 
 The kinds (:data:`KINDS`): LoRA, LoRA with a trained lora_B bias (``--lora-bias``), DoRA, IA3, prefix
-tuning, prompt tuning and P-tuning, each with the trainer's defaults (``--kinds`` picks some).
+tuning, prompt tuning, P-tuning and AdapterHub's houlsby, pfeiffer and parallel bottleneck adapters (parallel at
+reduction 16), each with the trainer's defaults (``--kinds`` picks some).
 
 The task ("shout"): answer in a short shout -- at most six words, all capitals, ending with "!".
 SmolLM2-135M-Instruct never answers that way by itself (it writes ordinary sentences). Training
@@ -39,7 +40,10 @@ DATA = Path(__file__).resolve().parent / "demo_data"
 TRAIN, HELDOUT = DATA / "shout_train.jsonl", DATA / "shout_heldout.jsonl"
 # demo name -> TrainConfig options besides the data (the name is the --kind unless "kind" says otherwise)
 KINDS = {"lora": {}, "lora-bias": {"kind": "lora", "lora_bias": True}, "dora": {}, "ia3": {}, "prefix": {},
-         "prompt": {}, "ptuning": {}}
+         "prompt": {}, "ptuning": {},
+         # AdapterHub bottleneck adapters (adapters.train_bottleneck); parallel at reduction 16 (width 36): the
+         # library's 2 gives width 288, above the demo server's default --max-lora-rank 64
+         "houlsby": {}, "pfeiffer": {}, "parallel": {"reduction_factor": 16}}
 MAX_WORDS = 6
 
 
@@ -105,7 +109,7 @@ def train_all(work: Path, threads: int, kinds=tuple(KINDS), quantization: str = 
     for name in kinds:
         options = dict(KINDS[name])
         kind = options.pop("kind", name)
-        flags = "".join(f" --{k.replace('_', '-')}" for k, v in options.items() if v is True)
+        flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in options.items())
         if quantization != "none":
             flags += f" --quantization {quantization}"
         print(f"$ adapterctl train --kind {kind}{flags} --data {TRAIN.name} --eval-data {HELDOUT.name} --out {name} "

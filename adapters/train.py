@@ -8,6 +8,9 @@ dataset (see :mod:`adapters.dataset`), and writes a standard PEFT directory -- e
 ``adapter_config.json`` + ``adapter_model.safetensors`` -- that PEFT's ``from_pretrained`` and this
 project's server load without conversion.
 
+* ``--kind houlsby|pfeiffer|parallel``: AdapterHub bottleneck adapters, trained with our own modules (not the
+  library, which needs transformers 4.57) and written in the library's format (``adapter_config.json`` +
+  ``adapter.safetensors``), which the library and the server both load (:mod:`adapters.train_bottleneck`).
 * The step rule: without ``--steps``, training runs ``max(ceil(epochs * ceil(rows / batch)), --min-steps)``
   optimizer steps (``--epochs`` 3, ``--min-steps`` 30 by default): 12 rows at batch 4 are 30 steps
   (10 epochs), not 9; from 40 rows on, epochs decide. Measured on the default model with the demo
@@ -62,11 +65,11 @@ import torch
 from adapters.dataset import DatasetError, Example, load_examples, split_examples
 from adapters.format import AdapterError, BaseSpec, load_adapter
 from adapters.train_cli import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, build_parser, main
-from adapters.train_config import (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
+from adapters.train_config import (BOTTLENECK_KINDS, DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
                                    PREFIX_INITS, QUANTIZATIONS, SCHEDULES, SERVER_MAX_RANK, VIRTUAL_TOKEN_KINDS,
                                    TrainConfig, TrainError,
                                    TrainResult, check_rank, log, plan_steps)
-from adapters.train_io import UploadError, publish, save_adapter, upload_adapter
+from adapters.train_io import UploadError, publish, save_adapter, save_bottleneck_adapter, upload_adapter
 from adapters.train_model import (build_model, evaluate, fit, init_prefix, init_prompt, load_base_model, load_tokenizer,
                                   resolve_base, resolve_device, token_loss_sums)
 
@@ -121,6 +124,10 @@ def _train(config: TrainConfig, out: Path) -> TrainResult:
     base = resolve_base(config)
     tokenizer, hf_config = load_tokenizer(base)
     spec = BaseSpec.from_hf_config(hf_config, base.name)
+    if config.kind in BOTTLENECK_KINDS:
+        from adapters.train_bottleneck import check
+
+        check(config, spec.hidden_size)  # before the slow part
     train, held = read_data(config, tokenizer, hf_config, base)  # before the (slow) model load
     total_steps, per_epoch = plan_steps(len(train), config.batch_size, epochs=config.epochs, steps=config.steps,
                                         min_steps=config.min_steps)
@@ -149,7 +156,7 @@ def _train(config: TrainConfig, out: Path) -> TrainResult:
                          trainable_params=trainable, train_loss_start=losses[0],
                          train_loss_end=sum(tail) / len(tail), eval_loss_start=eval_start, eval_loss_end=eval_end,
                          seconds=seconds, losses=losses)
-    _write(model, out, spec, config.overwrite)
+    _write(model, out, spec, config.overwrite, config.kind)
     log.info("wrote %s: train loss %.4f -> %.4f%s in %d steps (%.1f s)", out, result.train_loss_start,
              result.train_loss_end, "" if eval_end is None else f", eval loss {eval_start:.4f} -> {eval_end:.4f}",
              result.steps, seconds)
@@ -165,13 +172,19 @@ def _stop_ids(base: Path) -> list[int]:
     return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
 
 
-def _write(model, out: Path, spec: BaseSpec, overwrite: bool) -> None:
+def _write(model, out: Path, spec: BaseSpec, overwrite: bool, kind: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        save_adapter(model, tmp)
-        peft_cfg = model.peft_config["default"]
-        rank = int(peft_cfg.r) if peft_cfg.peft_type == "LORA" else 0
+        if kind in BOTTLENECK_KINDS:  # AdapterHub's format: adapter_config.json + adapter.safetensors
+            from adapters.train_bottleneck import adapter_name, width
+
+            save_bottleneck_adapter(model, tmp, adapter_name(out))
+            rank = width(model.adapters.config, spec.hidden_size)
+        else:
+            save_adapter(model, tmp)
+            peft_cfg = model.peft_config["default"]
+            rank = int(peft_cfg.r) if peft_cfg.peft_type == "LORA" else 0
         try:  # the server's own checks, with the rank limit the warning above already named
             load_adapter(tmp, spec, max_rank=max(SERVER_MAX_RANK, rank))
         except AdapterError as exc:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from adapters.kinds.bottleneck import ACTIVATIONS as BN_ACTIVATIONS
 from adapters.dataset import DatasetError
 from adapters.train_config import (DEFAULT_EPOCHS, DEFAULT_LR, DEFAULT_WARMUP, DEFAULT_TARGETS, KINDS, LINEAR_TARGETS, MIN_STEPS,
                                    PREFIX_INITS, QUANTIZATIONS, SCHEDULES, SERVER_MAX_RANK, TrainConfig, TrainError,
@@ -56,6 +57,11 @@ def build_parser(prog: str = "adapterctl train") -> argparse.ArgumentParser:
                         "prompt: from the answers' word embeddings; random: PEFT's init (ptuning: always PEFT's)")
     g.add_argument("--encoder-hidden-size", type=int,
                    help="ptuning: the prompt encoder MLP's width (default: the base's hidden size)")
+    g = p.add_argument_group("bottleneck (houlsby / pfeiffer / parallel: AdapterHub's double_seq_bn / seq_bn / par_bn)")
+    g.add_argument("--reduction-factor", type=float,
+                   help="width int(hidden // factor) (default the library's: 16, 16, 2)")
+    g.add_argument("--activation", choices=BN_ACTIVATIONS,
+                   help="the bottleneck's non-linearity (default the library's: swish, relu, relu)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=float,
                    help=f"passes over the data (default {DEFAULT_EPOCHS}), extended to --min-steps steps")
@@ -97,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         quantization=args.quantization, device=args.device, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
         lora_bias=args.lora_bias, encoder_hidden_size=args.encoder_hidden_size,
         targets=args.targets, feedforward=args.feedforward, virtual_tokens=args.virtual_tokens,
-        prefix_init=args.prefix_init, epochs=args.epochs, steps=args.steps, min_steps=args.min_steps, lr=args.lr,
+        prefix_init=args.prefix_init, reduction_factor=args.reduction_factor, activation=args.activation,
+        epochs=args.epochs, steps=args.steps, min_steps=args.min_steps, lr=args.lr,
         schedule=args.schedule, warmup_steps=args.warmup_steps, batch_size=args.batch_size,
         weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
         eval_data=args.eval_data, eval_fraction=args.eval_fraction, overwrite=args.overwrite,

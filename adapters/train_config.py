@@ -17,7 +17,8 @@ from server.model.builtin import BUILTIN_MODEL_NAME
 
 log = logging.getLogger("adapters.train")
 
-KINDS = ("lora", "dora", "ia3", "prefix", "prompt", "ptuning")
+KINDS = ("lora", "dora", "ia3", "prefix", "prompt", "ptuning", "houlsby", "pfeiffer", "parallel")
+BOTTLENECK_KINDS = ("houlsby", "pfeiffer", "parallel")  # our own modules, AdapterHub's format (adapters.train_bottleneck)
 LORA_KINDS = ("lora", "dora")               # LoraConfig (dora: use_dora=True)
 VIRTUAL_TOKEN_KINDS = ("prefix", "prompt", "ptuning")
 QUANTIZATIONS = ("none", "nf4")
@@ -55,10 +56,15 @@ BUILTIN_BASES = (BUILTIN_MODEL_NAME,)  # --base values that name the built-in ti
 #              encoder started as the identity on the answers' embeddings (width 1152): 1e-4 / 3e-4 / 1e-3:
 #              8 / 10 / 2 of 12 -- not better than PEFT's random start
 #
+# Bottleneck kinds (AdapterHub houlsby / pfeiffer / parallel, the library's defaults; the demo trains parallel at
+# reduction 16, width 36, since the library's 2 gives 288, above a default server's --max-lora-rank 64):
+BOTTLENECK_LR = {"houlsby": 1e-3, "pfeiffer": 1e-3, "parallel": 1e-3}
+#
 # Without an answers init prompt tuning does not learn the format in 30 steps; P-tuning's MLP encoder moves all
 # virtual tokens together, and a short warmup keeps Adam's first full-size steps from throwing them off.
 # The random built-in tiny model wants larger rates still (tests/test_train.py).
-DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 1e-2, "prefix": 2e-2, "prompt": 3e-2, "ptuning": 1e-2}
+DEFAULT_LR = {"lora": 1e-3, "dora": 1e-3, "ia3": 1e-2, "prefix": 2e-2, "prompt": 3e-2, "ptuning": 1e-2,
+              **BOTTLENECK_LR}
 DEFAULT_WARMUP = {"ptuning": 5}  # linear warmup steps without --warmup-steps (others: 0)
 DEFAULT_TARGETS = {"lora": ("q_proj", "v_proj"), "dora": ("q_proj", "v_proj"), "ia3": ("k_proj", "v_proj", "down_proj")}
 DEFAULT_EPOCHS = 3
@@ -98,6 +104,9 @@ class TrainConfig:
     # PEFT's MLP encoder init either way); "random": PEFT's
     prefix_init: str = "answers"
     encoder_hidden_size: int | None = None  # ptuning: the MLP encoder's width (None: PEFT's, the hidden size)
+    # bottleneck (houlsby, pfeiffer, parallel): None = the library's default of the kind
+    reduction_factor: float | None = None  # width int(hidden // reduction_factor); library: 16, 16, 2
+    activation: str | None = None         # relu, swish, gelu, tanh; library: swish, relu, relu
     # schedule
     epochs: float | None = None           # used when steps is None (then DEFAULT_EPOCHS)
     steps: int | None = None              # optimizer steps exactly; wins over epochs and min_steps

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from adapters.peft_files import HUB_WEIGHTS_NAME
 from adapters.fsutil import fsync_path
 from adapters.train_config import TrainError
 
@@ -43,9 +44,22 @@ def save_adapter(model, dest: Path) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
     config = json.loads((dest / CONFIG_NAME).read_text())
     (dest / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _finish(dest, (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def save_bottleneck_adapter(model, dest: Path, name: str) -> None:
+    """Write AdapterHub's adapter_config.json + adapter.safetensors (adapters.train_bottleneck) into ``dest``."""
+    from adapters.train_bottleneck import save
+
+    save(model, dest, name)
+    _finish(dest, (CONFIG_NAME, HUB_WEIGHTS_NAME))
+
+
+def _finish(dest: Path, names: Sequence[str]) -> None:
+    """Files readable as the umask says (mkdtemp made the dir private), all synced."""
     umask = os.umask(0)
     os.umask(umask)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
+    for name in names:
         os.chmod(dest / name, 0o666 & ~umask)
         fsync_path(dest / name)
     os.chmod(dest, 0o777 & ~umask)  # mkdtemp made it private
@@ -89,7 +103,9 @@ def upload_adapter(path: str | Path, name: str, *, server: str | None = None, ap
     server = (server or _env(SERVER_ENV) or DEFAULT_SERVER).rstrip("/").removesuffix("/v1")
     api_key = api_key or _env(API_KEY_ENV)
     path = Path(path)
-    files = [("files", (n, (path / n).read_bytes(), "application/octet-stream")) for n in (CONFIG_NAME, WEIGHTS_NAME)]
+    weights = WEIGHTS_NAME if (path / WEIGHTS_NAME).is_file() or not (path / HUB_WEIGHTS_NAME).is_file() \
+        else HUB_WEIGHTS_NAME  # the trainer's bottleneck kinds write AdapterHub's name
+    files = [("files", (n, (path / n).read_bytes(), "application/octet-stream")) for n in (CONFIG_NAME, weights)]
     data = {"name": name, **({"overwrite": "true"} if overwrite else {})}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:

@@ -12,7 +12,7 @@ import torch
 from adapters.dataset import IGNORE_INDEX, Example, batches, collate
 from adapters.format import BaseSpec
 from server.model.quant import keep_4bit_trainable
-from adapters.train_config import (BUILTIN_BASES, DEFAULT_TARGETS, KINDS, LORA_KINDS, QUANTIZATIONS, VIRTUAL_TOKEN_KINDS,
+from adapters.train_config import (BOTTLENECK_KINDS, BUILTIN_BASES, DEFAULT_TARGETS, KINDS, LORA_KINDS, QUANTIZATIONS, VIRTUAL_TOKEN_KINDS,
                                    TrainConfig, TrainError, log, plan_steps)
 
 
@@ -133,9 +133,15 @@ def peft_config(config: TrainConfig, spec: BaseSpec):
 
 
 def build_model(config: TrainConfig, base_model, spec: BaseSpec, base_name: str):
-    """Wrap ``base_model`` with a fresh PEFT adapter (initialised from ``config.seed``)."""
+    """Wrap ``base_model`` with a fresh PEFT adapter (initialised from ``config.seed``); bottleneck kinds with our
+    own modules (:mod:`adapters.train_bottleneck`)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if config.kind in BOTTLENECK_KINDS:
+        return build_bottleneck(config, base_model, base_name)
+    if config.reduction_factor is not None or config.activation is not None:
+        raise TrainError(f"--reduction-factor and --activation are for the bottleneck kinds "
+                         f"({', '.join(BOTTLENECK_KINDS)}), not {config.kind}")
     if config.quantization == "nf4":
         # Casts the remaining fp16/bf16 parameters to fp32; no gradient checkpointing (only slower here).
         base_model = prepare_model_for_kbit_training(base_model, use_gradient_checkpointing=False)
@@ -148,6 +154,14 @@ def build_model(config: TrainConfig, base_model, spec: BaseSpec, base_name: str)
         model = get_peft_model(base_model, peft_config(config, spec))
     model.peft_config["default"].base_model_name_or_path = base_name
     return model
+
+
+def build_bottleneck(config: TrainConfig, base_model, base_name: str):
+    """``base_model`` with fresh AdapterHub-style bottleneck adapters (:mod:`adapters.train_bottleneck`)."""
+    from adapters.train_bottleneck import build
+
+    return build(config.kind, base_model, base_name, reduction_factor=config.reduction_factor,
+                 activation=config.activation, seed=config.seed)
 
 
 @torch.no_grad()

@@ -14,7 +14,9 @@ distinct LoRA (r=16 on q,k,v,o); a distinct IA3; a distinct prefix (16 virtual t
 mix (base, LoRA, IA3, prefix in turn); all clients on one hot LoRA, which the server's
 default merge policy merges (warmed up until /metrics says so); a distinct DoRA (r=16, q,k,v,o);
 a distinct LoRA with ``lora_bias``; a distinct prompt-tuning adapter (16 virtual tokens); a distinct
-composition (the client's LoRA + its IA3 in one request). Each variant is warmed up
+composition (the client's LoRA + its IA3 in one request); a distinct AdapterHub Houlsby bottleneck adapter
+(double_seq_bn, reduction 16: width 48 on the bench model, after attention and after the MLP; random weights,
+loadtest.bench_bottleneck's writer). `--variants` picks some of them. Each variant is warmed up
 (its adapters loaded into slots, the merge state it needs reached) before it is timed.
 In the same rounds: the engine in-process (`Engine.generate`, the server's resolved config),
 HF `generate` on the base and PEFT's mixed-batch `generate(adapter_names=...)` on the same
@@ -54,7 +56,8 @@ from pathlib import Path
 import torch
 
 from loadtest import served, served_llamacpp
-from loadtest.adapters_gen import AdapterFactory, register
+from loadtest.adapters_gen import AdapterFactory, AdapterSpec, register
+from loadtest.bench_bottleneck import write_bottleneck
 from loadtest.bench_adapters import PeftPeer
 from loadtest.bench_engine import HFGenerate, like_the_server
 from loadtest.harness import machine, resolve_model
@@ -67,7 +70,7 @@ from server.engine.request import SamplingParams
 from server.model.loader import parse_dtype
 
 log = logging.getLogger("bench_served")
-VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged", "dora", "lorabias", "prompt", "compose")
+VARIANTS = ("base", "lora", "ia3", "prefix", "mix", "merged", "dora", "lorabias", "prompt", "compose", "houlsby")
 SINGLE_KINDS = ("lora", "ia3", "prefix", "dora", "lorabias", "prompt")  # a distinct adapter per client
 IN_PROCESS = ("engine/base", "hf/base", "peft/lora")
 # Seconds between a round's in-process peers and the next round's served batches. With the peers rotated among
@@ -91,6 +94,8 @@ def parse_args(argv):
     p.add_argument("--slots", type=int, default=32, help="the server's --max-adapter-slots")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the HF and PEFT peers")
     p.add_argument("--skip-peers", action="store_true", help="leave out HF, PEFT and the engine-only run")
+    p.add_argument("--variants", type=lambda v: v.split(","), default=list(VARIANTS),
+                   help="comma-separated subset of the served variants (default all: " + ",".join(VARIANTS) + ")")
     p.add_argument("--with-vllm", action="store_true", help="peer rows vllm/base and vllm/lora: the same load on "
                    "`adapter-server --engine vllm` with the same flags (make install-vllm; docs/VLLM.md)")
     p.add_argument("--long-prompt", action="store_true", help="the chunked-prefill benchmark instead")
@@ -128,6 +133,9 @@ def parse_args(argv):
         from server.model.default_model import ensure_default_model
 
         args.model = str(ensure_default_model())
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {list(VARIANTS)}")
     args.model = args.model or "bench"
     args.rounds = args.rounds or (2 if args.with_llamacpp else 3)
     default = ("served-long-prompt.json" if args.long_prompt else
@@ -156,6 +164,9 @@ class Setup:
         factory = AdapterFactory(self.model, self.work / "adapters", rank=16, prefix_tokens=16, seed=1)
         counts = {kind: n for kind in SINGLE_KINDS} | {"lora": n + 1}  # one more LoRA: the hot (merged) adapter
         specs = {kind: [factory.get(kind, i) for i in range(count)] for kind, count in counts.items()}
+        # AdapterHub houlsby (double_seq_bn, reduction 16: width 48 on the bench model), random weights
+        specs["houlsby"] = [AdapterSpec(f"houlsby-{i:04d}", "houlsby", write_bottleneck(
+            self.work / "adapters" / f"houlsby-{i:04d}", self.model, "houlsby", i)) for i in range(n)]
         register(self.store, [s for kind in specs.values() for s in kind])
         return specs
 
@@ -169,7 +180,7 @@ def variants(specs: dict[str, list], prompts: list[list[int]], new_tokens: int) 
     kinds = [None, "lora", "ia3", "prefix"]
     names = {"base": [None] * n, "merged": [hot] * n,
              "mix": [None if kinds[i % 4] is None else specs[kinds[i % 4]][i].name for i in range(n)],
-             **{kind: [specs[kind][i].name for i in range(n)] for kind in SINGLE_KINDS}}
+             **{kind: [specs[kind][i].name for i in range(n)] for kind in (*SINGLE_KINDS, "houlsby")}}
     out = {f"served/{v}": [RequestSpec(a, p, new_tokens) for a, p in zip(names[v], prompts)]
            for v in VARIANTS if v in names}
     # a composition per client (adapters.composition): its own LoRA and IA3 in one slot
@@ -240,7 +251,8 @@ def in_process_peers(setup: Setup, specs: dict[str, list], prompts: list[list[in
 def run_main(args, setup: Setup) -> dict:
     prompts = setup.prompts(args.clients, args.prompt_tokens)
     specs = setup.adapters(args.clients)
-    work = variants(specs, prompts, args.new_tokens)
+    work = {k: v for k, v in variants(specs, prompts, args.new_tokens).items()
+            if k.removeprefix("served/") in args.variants}
     peers, threads = ({}, torch.get_num_threads()) if args.skip_peers else in_process_peers(setup, specs, prompts, args)
     if args.with_vllm:  # the variants vLLM serves, on the same prompts and LoRAs
         work.update({"vllm/base": work["served/base"], "vllm/lora": work["served/lora"]})

@@ -113,13 +113,15 @@ def count_ops(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kind", choices=["base", "lora", "ia3", "prefix"], default="base")
+    parser.add_argument("--kind", choices=["base", "lora", "ia3", "prefix", "houlsby"], default="base",
+                        help="houlsby: 32 distinct AdapterHub double_seq_bn adapters, reduction 16 (bench_bottleneck)")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--count-ops", action="store_true", help="aten calls per decoded token at default flags on "
                         "the default model, one stream, instead of the batch-32 time profile")
     parser.add_argument("--count-tokens", type=int, default=10, help="--count-ops: tokens of the long request")
-    parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list")
+    parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list; the time "
+                        "profile: the ops with most self time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -132,7 +134,15 @@ def main(argv: list[str] | None = None) -> None:
         config = resolve(replace(EngineConfig(), model=str(model_dir), max_batch=BATCH, max_adapter_slots=BATCH,
                                  adapter_dir=str(root / "store")))
         names: list[str | None] = [None] * BATCH
-        if args.kind != "base":
+        if args.kind == "houlsby":
+            from adapters.store import AdapterStore
+            from loadtest.bench_bottleneck import write_bottleneck
+
+            store = AdapterStore(root / "store")
+            for i in range(BATCH):
+                store.add(f"houlsby-{i}", write_bottleneck(root / "hub" / f"houlsby-{i}", model_dir, "houlsby", i))
+            names = [f"houlsby-{i}" for i in range(BATCH)]
+        elif args.kind != "base":
             factory = AdapterFactory(model_dir, root / "adapters", rank=16, prefix_tokens=16, seed=1)
             specs = [factory.get(args.kind, i) for i in range(BATCH)]
             register(root / "store", specs)
@@ -171,6 +181,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{bucket:<62} {seconds / steps * 1e3:8.2f} {seconds / op_total:6.1%}")
     for label, seconds in watch.seconds.items():
         print(f"{label:<62} {seconds / steps * 1e3:8.2f} {seconds / wall:6.1%} of wall")
+    print(f"top {args.top} ops by self time (ms/step, calls/step):")
+    for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:args.top]:
+        print(f"  {event.key:<48} {event.self_cpu_time_total / 1e3 / steps:8.2f} {event.count / steps:8.1f}")
     print(f"(op self-times add up to {op_total / steps * 1e3:.1f} ms/step; with {args.threads} threads an op's "
           "self time is wall time, not CPU time summed over threads)")
 

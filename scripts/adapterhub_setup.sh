@@ -16,7 +16,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 printf '*\n' > "$VENV/.gitignore"
 
-"$VENV/bin/python" -m pip install "torch==2.13.0" "adapters==1.3.0" "transformers==4.57.6" safetensors
+# bitsandbytes + accelerate: the library over an NF4 base (tests/test_bottleneck_nf4.py; CPU NF4 since bnb 0.46)
+"$VENV/bin/python" -m pip install "torch==2.13.0" "adapters==1.3.0" "transformers==4.57.6" safetensors \
+    "bitsandbytes==0.50.2" "accelerate==1.15.0"
 
 # run outside the repository root: our own package is also named `adapters`
 (cd / && "$VENV/bin/python" -I -c "import adapters, torch, transformers; print(f'adapters {adapters.__version__}, torch {torch.__version__}, transformers {transformers.__version__}')")

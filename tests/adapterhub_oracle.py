@@ -72,3 +72,36 @@ def _run(python: Path, specs: list[dict], out: Path) -> None:
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             (model / name).write_text(json.dumps(configs[name]))
     shutil.rmtree(work)
+
+
+LOGITS_SCRIPT = ROOT / "scripts" / "adapterhub_logits.py"
+
+
+def library_has(module: str) -> bool:
+    """Whether the oracle venv can import ``module`` (bitsandbytes for the NF4 tests: `make install-adapterhub`
+    installs it since issue 24's NF4 test; an older venv lacks it)."""
+    python = oracle_python()
+    return python is not None and subprocess.run([str(python), "-I", "-c", f"import {module}"], cwd="/",
+                                                 capture_output=True, timeout=120).returncode == 0
+
+
+def library_logits(base: Path, adapter_dirs: list[Path], prompts: list[list[int]], work: Path,
+                   quantization: str = "none", new_tokens: int = 0) -> dict:
+    """The library's last-prompt-token logits for ``base`` and each saved adapter dir (scripts/adapterhub_logits.py,
+    not cached: the adapters are made by the test): {"base": [[V] per prompt], str(dir): [...]}, and with
+    ``new_tokens`` {"tokens": {"base" | str(dir): [[greedy tokens] per prompt]}} (full recomputation)."""
+    python = oracle_python()
+    assert python is not None, SKIP_REASON
+    work.mkdir(parents=True, exist_ok=True)
+    script = work / LOGITS_SCRIPT.name
+    shutil.copy(LOGITS_SCRIPT, script)
+    spec = {"base": str(base), "quantization": quantization, "prompts": prompts,
+            "adapters": [str(d) for d in adapter_dirs], "new_tokens": new_tokens}
+    (work / "spec.json").write_text(json.dumps(spec))
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([str(python), "-I", str(script), "spec.json", "out.json"], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        raise RuntimeError(f"the AdapterHub library failed:\n{done.stderr[-4000:]}")
+    return json.loads((work / "out.json").read_text())
