@@ -22,6 +22,7 @@ import torch
 
 from adapters.kinds import (KINDS, Adapter, BottleneckAdapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter,
                             PromptAdapter)
+from adapters.kinds.mam import MamAdapter
 from adapters.peft_files import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, AdapterError, check_base_name,
                                  check_files, is_set, open_weights, read_config)
 from adapters.peft_targets import LINEAR_MODULES, BaseSpec
@@ -61,6 +62,9 @@ _REFUSED_IF_SET = {
 
 def kind_of(config: dict) -> type[Adapter]:
     """The adapter class for a parsed ``adapter_config.json``, after every base-independent check."""
+    if MamAdapter.matches(config):  # an AdapterHub union (MAM: prefix tuning + a bottleneck adapter)
+        MamAdapter.check_config(config)
+        return MamAdapter
     if BottleneckAdapter.matches(config):  # AdapterHub's format: no peft_type, settings under "config"
         BottleneckAdapter.check_config(config)
         return BottleneckAdapter
@@ -113,14 +117,13 @@ def inspect_adapter_dir(path: str | Path) -> dict:
     kind = kind_of(config)
     shapes, _ = open_weights(weights)
     rank, modules = kind.inspect(config, shapes)
-    virtual = kind.layer_state == frozenset() and bool(config.get("num_virtual_tokens"))
     return {
         "kind": kind.kind,
         "peft_type": str(config.get("peft_type") or "ADAPTERHUB").upper(),
         "rank": int(rank),
         "target_modules": list(modules),
         "base_model": config.get("base_model_name_or_path") or None,
-        "num_virtual_tokens": int(config["num_virtual_tokens"]) if virtual else 0,
+        "num_virtual_tokens": kind.virtual_tokens(config),
     }
 
 

@@ -7,7 +7,8 @@ sys.path that do not hold the repository root (tests/adapterhub_oracle.py runs i
 
 SPECS: a list of SPEC (one process pays the library's import once), each written under OUT_DIR/<tag>:
 SPEC: {"tag": str, "arch": "llama"|"qwen2", "vocab_size": V, "seed": s, "prompts": [[ids...], ...], "new_tokens": n,
-       "adapters": [{"name": str, "config": "seq_bn"|"double_seq_bn"|"par_bn"|..., "kwargs": {...}}, ...]}
+       "adapters": [{"name": str, "config": "seq_bn"|"double_seq_bn"|"par_bn"|...|"mam", "kwargs": {...},
+                     "pickle": bool (save pytorch_adapter.bin, as the library must for MAM)}, ...]}
 
 Writes OUT_DIR/model (a tiny random base, transformers save_pretrained), OUT_DIR/<name> (each adapter, the
 library's own ``save_adapter(..., use_safetensors=True, with_head=False)``, non-trivial random weights) and
@@ -76,6 +77,20 @@ def randomize(model, name: str, seed: int) -> None:
             param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
+def make_config(entry: dict):
+    """The library's config of an adapter entry: a named config with overrides, or "mam" with {"prefix_tuning":
+    {PrefixTuningConfig overrides}, "adapter": {"config": name, "kwargs": {...}}} (MAMConfig's defaults otherwise)."""
+    from adapters import AdapterConfig, MAMConfig, PrefixTuningConfig
+
+    kwargs = entry.get("kwargs", {})
+    if entry["config"] != "mam":
+        return AdapterConfig.load(entry["config"], **kwargs)
+    prefix = PrefixTuningConfig(**{"bottleneck_size": 800, **kwargs["prefix_tuning"]}) if "prefix_tuning" in kwargs \
+        else None
+    adapter = kwargs.get("adapter")
+    return MAMConfig(prefix, AdapterConfig.load(adapter["config"], **adapter.get("kwargs", {})) if adapter else None)
+
+
 def main() -> None:
     specs = json.loads(Path(sys.argv[1]).read_text())
     for spec in specs if isinstance(specs, list) else [specs]:
@@ -94,12 +109,13 @@ def build(spec: dict, out: Path) -> None:
     reference = {"base": run(model, spec["prompts"], spec["new_tokens"])}
     for i, entry in enumerate(spec["adapters"]):
         name = entry["name"]
-        config = AdapterConfig.load(entry["config"], **entry.get("kwargs", {}))
+        config = make_config(entry)
         model.add_adapter(name, config=config)
         randomize(model, name, seed=1000 + i)
         model.set_active_adapters(name)
         model.eval()
-        model.save_adapter(str(out / name), name, with_head=False, use_safetensors=True)
+        # MAM shares its prefix module across layers, which use_safetensors=True refuses: pickled, as users get it
+        model.save_adapter(str(out / name), name, with_head=False, use_safetensors=not entry.get("pickle", False))
         reference[name] = run(model, spec["prompts"], spec["new_tokens"])
         model.set_active_adapters(None)
         model.delete_adapter(name)

@@ -150,9 +150,17 @@ def test_composition_takes_one_bottleneck_at_weight_one():
         plan_composition(Composition((Member("bn", 0.5),)), records, configs, max_rank=64)
 
 
-def test_slots_give_each_row_its_own_formula():
+@pytest.mark.parametrize("tokens,row_kernel", [(3, True), (1, True), (1, False)],
+                         ids=["padded-prefill-gather", "one-token-rows-kernel", "one-token-rows-no-kernel"])
+def test_slots_give_each_row_its_own_formula(monkeypatch, tokens, row_kernel):
     """Mixed slots (widths, activations, variants) in one batch equal each row's formula alone; base rows are
-    r + s bit for bit."""
+    r + s bit for bit. One token per row runs the compiled row kernel (or, without it, the gather path)."""
+    from server.model import cpu_ext
+
+    if row_kernel and tokens == 1 and cpu_ext.kernel() is None:
+        pytest.skip("the compiled CPU kernel cannot be built here")
+    if not row_kernel:
+        monkeypatch.setattr(cpu_ext, "kernel", lambda: None)
     torch.manual_seed(0)
     h = 16
     mapping = BatchMapping()
@@ -166,7 +174,7 @@ def test_slots_give_each_row_its_own_formula():
     mapping.slot_of_row = torch.tensor(rows)
     mapping.slots_present, mapping.uniform_slot = frozenset(rows), None
     mapping.active = mapping.any_bottleneck = True
-    r, s = torch.randn(len(rows), 3, h), torch.randn(len(rows), 3, h)
+    r, s = torch.randn(len(rows), tokens, h), torch.randn(len(rows), tokens, h)
     out = slots.add("out", r, s)
     acts = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
     for n, slot in enumerate(rows):

@@ -20,7 +20,10 @@ validated adapter, its tensors on CPU in the requested dtype. What the engine as
   merge-on-demand may serve its rows with no adapter compute).
 * ``prefix_kv()``: per-layer K/V ``[layers, 2, Hkv, P, D]`` written into the row's KV cache before
   the prompt, or None; ``soft_prompt()``: input embeddings ``[P, hidden]`` run before the prompt,
-  or None. ``num_virtual_tokens`` is P (cache positions before the prompt; 0 for weight kinds).
+  or None. ``num_virtual_tokens`` is P (cache positions before the prompt; 0 for weight kinds);
+  ``virtual_tokens(config)`` (class) gives it from the config alone (the store's index).
+* ``prefix_shifts_positions``: whether the prompt's rope positions start at P (PEFT's prefix and prompt
+  tuning) or at 0 (AdapterHub's prefix tuning, inside MAM: :mod:`adapters.kinds.mam`).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ class Adapter:
     config_fields: ClassVar[frozenset[str]] = frozenset()
     layer_state: ClassVar[frozenset[str]] = frozenset()
     mergeable: ClassVar[bool] = False
+    prefix_shifts_positions: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, config: dict) -> bool:
@@ -55,6 +59,11 @@ class Adapter:
     @classmethod
     def check_config(cls, config: dict) -> None:
         """Base-independent checks; raise AdapterError naming the field."""
+
+    @classmethod
+    def virtual_tokens(cls, config: dict) -> int:
+        """P from the config alone: PEFT's ``num_virtual_tokens`` for kinds without per-layer state."""
+        return int(config.get("num_virtual_tokens") or 0) if not cls.layer_state else 0
 
     @classmethod
     def inspect(cls, config: dict, shapes: dict[str, tuple[int, ...]]) -> tuple[int, list[str]]:

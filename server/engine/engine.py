@@ -42,6 +42,7 @@ from server.engine.structured import Grammars
 from server.engine.slot_sizing import SlotPlan, bytes_per_slot, plan_slots
 from server.model.adapter_layers import install_adapter_layers, uninstall_adapter_layers
 from adapters.kinds.bottleneck import check_saved_head
+from adapters.kinds import KIND_BY_NAME
 from server.model.bottleneck_layers import lm_head_weight
 from server.model.adapter_layers import linear_shapes, slot_itemsize
 from server.model.builtin import default_cache_dir
@@ -143,6 +144,8 @@ class Engine(TokenizerText):
             record = self.adapters.record(adapter)  # AdapterNotFound -> 404
             request.adapter_version = version_key(record)
             request.prefix_len = record.num_virtual_tokens
+            if not getattr(KIND_BY_NAME.get(record.kind), "prefix_shifts_positions", True):  # MAM: prompt from 0
+                request.rope_shift = record.num_virtual_tokens
         elif composition is not None:
             try:
                 request.adapter_version, request.prefix_len = self.adapters.plan(composition)

@@ -181,6 +181,9 @@ class Request:
     first_token_time: float | None = None
     # cache length before the prompt (prefix-tuning virtual tokens); set from the adapter's record
     prefix_len: int = 0
+    # cache positions minus rope positions of the row's tokens: 0 (PEFT's prefix: the prompt starts at P), or P
+    # for a prefix whose prompt positions start at 0 (AdapterHub's, in MAM: adapters.kinds.mam); set by the engine
+    rope_shift: int = 0
     adapter_version: str | None = None  # which stored version of the adapter (or composition) this request uses
     composition: Composition | None = None  # several adapters at once (then `adapter` is None)
     slot: int = 0                        # device slot while running (0 = no adapter)

@@ -178,13 +178,22 @@ class ModelRunner:
             t, device=self.device)  # [N, T]
         wanted = [i * t + j for i, p in enumerate(prompts)
                   for j in (range(len(p)) if i in every_token else (len(p) - 1,))]
-        return _Part(ids, tables, cache_pos, cache_pos, wanted, requests)
+        return _Part(ids, tables, cache_pos, self._rope(cache_pos, requests), wanted, requests)
+
+    def _rope(self, cache_pos: torch.Tensor, requests: list | None) -> torch.Tensor:
+        """Rope positions [B, T] of tokens at cache positions [B, T]: the same, less each row's ``rope_shift``
+        (a MAM prefix, whose prompt positions start at 0 after its P cache entries)."""
+        shifts = [r.rope_shift for r in requests] if requests else []
+        if not any(shifts):
+            return cache_pos
+        return cache_pos - torch.tensor(shifts, dtype=torch.long, device=self.device)[:, None]
 
     def _decode_part(self, tables: torch.Tensor, token_ids: list[int], positions: list[int],
                      requests: list | None = None, rope_positions: list[int] | None = None) -> _Part:
         """B rows (block tables [B, M]) feed one token each at their cache positions; logits of every row."""
         cache_pos = torch.tensor(positions, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
-        rope = cache_pos if rope_positions is None else torch.tensor(rope_positions, device=self.device)[:, None]
+        rope = (self._rope(cache_pos, requests) if rope_positions is None
+                else torch.tensor(rope_positions, device=self.device)[:, None])
         return _Part([[t] for t in token_ids], tables, cache_pos, rope, list(range(len(token_ids))), requests)
 
     def _step_inputs(self, part: _Part, start: int = 0) -> StepInputs:
@@ -217,13 +226,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, first_row: int, prompts: list[list[int]], starts: list[int],
-                every_token: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
+                every_token: set[int] | frozenset[int] = frozenset(), requests: list | None = None) -> torch.Tensor:
         """Feed N prompts into cache rows first_row..first_row+N-1 (the pool's fixed row tables: the offline
         API, while the engine is not scheduling) in one forward (see `_prefill_part`); returns logits [K, V]:
         for each prompt in order, of its last token, or of all its tokens if its index is in every_token (so
-        K = N when every_token is empty). The caller sets the adapter mapping."""
+        K = N when every_token is empty). The caller sets the adapter mapping; `requests` (optional, one per
+        prompt) give the rows' rope shifts (Request.rope_shift)."""
         tables = self.cache.tables_of_rows(slice(first_row, first_row + len(prompts)))
-        return self._forward([self._prefill_part(tables, prompts, starts, set(every_token))])[0]
+        part = self._prefill_part(tables, prompts, starts, set(every_token))
+        if requests:
+            part = _Part(part.ids, part.tables, part.cache_pos, self._rope(part.cache_pos, requests), part.wanted, None)
+        return self._forward([part])[0]
 
     @torch.inference_mode()
     def decode(self, token_ids: list[int], cache_positions: list[int], rope_positions: list[int] | None = None

@@ -6,14 +6,15 @@ A bottleneck adapter is not a weight delta: it is a small residual module
 attention block, "out": after the MLP), slot tensors stacked over slots 0..S (slot 0 = identity):
 
 - down [S+1, R, H] (W_down, PEFT-style [r, H] rows), down_bias [S+1, R];
-- up [S+1, R, H] (W_up transposed, [r, H]), up_bias [S+1, H];
-- scale [S+1]: the library's ``scaling`` (parallel: 4.0 by default); 0 for slots without an adapter here;
+- up [S+1, R, H] (scaling * W_up transposed, [r, H]), up_bias [S+1, H] (scaling * b_up): the library's
+  ``scaling`` (parallel: 4.0 by default) is folded into the up-projection when the slot is written;
+- width [S+1] (long): each slot's width at this place, 0 for slots without an adapter here;
 - take_sub [S+1], take_res [S+1]: which of the sublayer output s and the block's residual input r the
   adapter reads (1 or 0): houlsby reads s, pfeiffer s + r, parallel r.
 
 with R = --max-lora-rank (widths zero-padded). The block's output at that place is
 
-    out = r + s + scale[slot] * f_slot(take_sub[slot] * s + take_res[slot] * r)
+    out = r + s + scaling[slot] * f_slot(take_sub[slot] * s + take_res[slot] * r)
 
 which is, per slot kind (a = attention output, h the block input, h' = h + a (+ its adapter),
 m = mlp(post_attention_layernorm(h'))): houlsby h' = h + a + f_attn(a), out = h' + m + f_out(m);
@@ -21,8 +22,18 @@ pfeiffer out = h' + m + f(m + h'); parallel out = h' + m + scale f(h').
 
 Zero padding is exact for any activation: a padded width column has zero down row and bias, so its
 activation is act(0), and its up row is zero, so it adds nothing. Rows whose slot holds no adapter at
-a place get a delta of exactly zero (zero weights, scale 0), so their output equals ``r + s`` bit for bit.
+a place get a delta of exactly zero (zero weights and width 0: the row kernel skips them), so their
+output equals ``r + s`` bit for bit.
 Rows of different activations share one batch: the activation runs per group of rows.
+
+Mixed-slot batches of one token per row (decode, and the flat forward of a prefill chunk beside decoding
+rows) run both projections through the compiled LoRA row kernel (server.model.adapter_ops, ``add_lora_rows_``)
+with an identity for the other factor: down is ``x @ D[s]^T = (x @ D[s]^T) @ I`` and up is ``z @ I @ U[s]``,
+so each row reads its own slot's matrices in place. The first version gathered each row's down and up
+matrices per place and step ([32, 48, 768] fp32, twice per place, 24 places for houlsby on the 134M bench
+Llama): `make bench-bottleneck` measured houlsby at x0.11 of base, and torch.profiler put 66% of a houlsby
+step in those index_selects (fp32, Zen 4, 2 cores under load). Rows of several tokens (a padded prefill)
+keep the gather and two baddbmm: N requests, not N tokens, are gathered there.
 
 The tensors are allocated at the first bottleneck slot written into the layer (like DoRA's scales, they
 are outside the slot-sizing budget: server.engine.slot_sizing), so servers that never see one pay nothing.
@@ -34,6 +45,8 @@ import threading
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from server.model import cpu_ext
 
 PLACES = ("attn", "out")
 # The library's activation names (transformers ACT2FN, via adapters' Activation_Function_Class).
@@ -53,7 +66,8 @@ class _Place:
 
     def __init__(self) -> None:
         self.down = self.down_bias = self.up = self.up_bias = None
-        self.scale = self.take_sub = self.take_res = None
+        self.width = self.take_sub = self.take_res = None
+        self.eye: torch.Tensor | None = None   # [S+1, R, R] identities: the row kernel's other factor
         self.widths: dict[int, int] = {}       # slot -> width
         self.activation: dict[int, str] = {}   # slot -> activation name
 
@@ -82,7 +96,9 @@ class BottleneckSlots(nn.Module):
             kw = dict(dtype=self.dtype, device=self.device)
             place.down_bias = torch.zeros(s, r, **kw)
             place.up, place.up_bias = torch.zeros(s, r, h, **kw), torch.zeros(s, h, **kw)
-            place.scale, place.take_sub, place.take_res = (torch.zeros(s, **kw) for _ in range(3))
+            place.take_sub, place.take_res = (torch.zeros(s, **kw) for _ in range(2))
+            place.width = torch.zeros(s, dtype=torch.long, device=self.device)
+            place.eye = torch.eye(r, **kw).expand(s, r, r).contiguous()
             place.down = torch.zeros(s, r, h, **kw)
 
     def set_adapter(self, slot: int, where: str, down: torch.Tensor, down_bias: torch.Tensor | None,
@@ -100,12 +116,12 @@ class BottleneckSlots(nn.Module):
             self._allocate(place)
         self._clear_place(place, slot)
         place.down[slot, :r] = down.to(self.dtype)
-        place.up[slot, :r] = up.t().to(self.dtype)
+        place.up[slot, :r] = (up.float().t() * float(scaling)).to(self.dtype)
         if down_bias is not None:
             place.down_bias[slot, :r] = down_bias.to(self.dtype)
         if up_bias is not None:
-            place.up_bias[slot] = up_bias.to(self.dtype)
-        place.scale[slot] = float(scaling)
+            place.up_bias[slot] = (up_bias.float() * float(scaling)).to(self.dtype)
+        place.width[slot] = r
         place.take_sub[slot], place.take_res[slot] = INPUTS[reads]
         place.widths[slot] = r
         place.activation[slot] = activation
@@ -124,7 +140,7 @@ class BottleneckSlots(nn.Module):
         place.down_bias[slot, :r].zero_()
         place.up[slot, :r].zero_()
         place.up_bias[slot].zero_()
-        place.scale[slot] = 0.0
+        place.width[slot] = 0
         place.take_sub[slot] = place.take_res[slot] = 0.0
 
     # ---- forward ----
@@ -145,27 +161,37 @@ class BottleneckSlots(nn.Module):
             s = int(m.slot_of_row[0]) if m.uniform_slot is None else m.uniform_slot
             x = sub * place.take_sub[s] + residual * place.take_res[s]
             z = ACTIVATIONS[place.activation[s]](x @ place.down[s, :width].t() + place.down_bias[s, :width])
-            return residual + sub + (z @ place.up[s, :width] + place.up_bias[s]) * place.scale[s]
+            return residual + sub + (z @ place.up[s, :width] + place.up_bias[s])
         slots = m.slot_of_row
-        per_row = lambda t: t.index_select(0, slots)[:, None, None]  # noqa: E731 - [N] -> [N, 1, 1]
-        x = sub * per_row(place.take_sub) + residual * per_row(place.take_res)
+        n, t, h = sub.shape
+        take = torch.stack((place.take_sub, place.take_res), 1).index_select(0, slots)  # [N, 2]
+        x = sub * take[:, 0, None, None] + residual * take[:, 1, None, None]
+        kernel = cpu_ext.kernel() if t == 1 and sub.device.type == "cpu" else None
+        if kernel is not None:  # one token per row: each row reads its slot's matrices in place
+            x = x.reshape(n, h).contiguous()
+            z = place.down_bias.index_select(0, slots)  # [N, R], filled in place with + x D[s]^T
+            kernel.add_lora_rows_(z, x, place.down, place.eye, slots, place.width, width)
+            z = self._activate(z, place, present, slots)
+            y = (residual + sub).reshape(n, h) + place.up_bias.index_select(0, slots)
+            kernel.add_lora_rows_(y, z, place.eye, place.up, slots, place.width, width)
+            return y.view(n, t, h)
         down = place.down[:, :width].index_select(0, slots)  # [N, w, H]
         z = torch.baddbmm(place.down_bias[:, :width].index_select(0, slots)[:, None, :], x, down.transpose(1, 2))
         z = self._activate(z, place, present, slots)
         y = torch.baddbmm(place.up_bias.index_select(0, slots)[:, None, :], z,
                           place.up[:, :width].index_select(0, slots))  # [N, T, H]
-        return residual + sub + y * per_row(place.scale)
+        return residual + sub + y
 
     @staticmethod
     def _activate(z: torch.Tensor, place: _Place, present: list[int], slots: torch.Tensor) -> torch.Tensor:
-        """Each row's own activation on z [N, T, w] (rows without an adapter here: any; their up is zero)."""
+        """Each row's own activation on z [N, ...] (rows without an adapter here: any; their up is zero)."""
         names = sorted({place.activation[s] for s in present})
         if len(names) == 1:
             return ACTIVATIONS[names[0]](z)
         out = ACTIVATIONS[names[0]](z)
         for name in names[1:]:
             rows = torch.tensor([place.activation.get(int(s)) == name for s in slots.tolist()], device=z.device)
-            out = torch.where(rows[:, None, None], ACTIVATIONS[name](z), out)
+            out = torch.where(rows.view(-1, *[1] * (z.dim() - 1)), ACTIVATIONS[name](z), out)
         return out
 
 
