@@ -18,7 +18,12 @@ GGUF grid in bf16 on a CPU with native bf16), one stream: every `aten::` event t
 included, for a request of `--count-tokens` new tokens minus one of 2 tokens, divided by the difference (so the
 prefill and the engine's set-up cancel out). A count, not a time: valid on a loaded machine.
 
-    python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15]
+    python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15] [--quantization Q --dtype D]
+
+It also times the decode of a `--time-tokens` request without the profiler (ms per token) and, under the
+profiler, the GEMMs' self time per token (int4/int8 weight-only, oneDNN packed and aten mm kernels), so the
+time outside the GEMMs is the difference. `--quantization`/`--dtype` override the defaults (e.g. `none` +
+`bfloat16`: the oneDNN-packed bf16 path; `int8-wo`).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ from server.model.loader import load_model, parse_dtype
 
 BATCH = 32
 BUCKETS = [  # (bucket, substrings of op names), first match wins
-    ("GEMM (linears, lm_head)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn")),
+    ("GEMM (linears, lm_head)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn", "pack_mm")),
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
     ("KV cache write", ("index_copy",)),
     ("adapter ops (LoRA kernel, bmm, IA3 gathers)", ("add_lora", "bmm", "index_select", "lora")),
@@ -94,7 +99,7 @@ def count_ops(args) -> dict:
     """aten calls per decoded token at default flags on the default model (see the module docstring)."""
     if args.count_tokens < 3:
         raise SystemExit("--count-tokens must be at least 3 (the count is the difference against 2 tokens)")
-    config = resolve(EngineConfig())  # the server's defaults: default model, quantization and dtype auto
+    config = resolve(replace(EngineConfig(), quantization=args.quantization, dtype=args.dtype))  # default model
     loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
                         batch_hint=config.max_batch)
     engine = Engine(loaded, config)
@@ -107,8 +112,29 @@ def count_ops(args) -> dict:
           f"{total:.0f} aten calls per decoded token (nested included; {steps} tokens)")
     for name, n in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {n:8.1f}  {name}")
+    ms, gemm_ms = decode_times(engine, args.time_tokens)
+    print(f"decode: {ms:.2f} ms per token ({1000 / ms:.1f} tok/s, best of 3 requests of {args.time_tokens} tokens, "
+          f"no profiler); GEMMs {gemm_ms:.2f} ms per token (profiler self time), outside them {ms - gemm_ms:.2f} ms")
     return {"quantization": config.quantization, "dtype": config.dtype, "aten_calls_per_token": total,
-            "by_op": per_op}
+            "by_op": per_op, "ms_per_token": ms, "gemm_ms_per_token": gemm_ms}
+
+
+def decode_times(engine: Engine, tokens: int) -> tuple[float, float]:
+    """(ms per decoded token, best of 3 requests without the profiler; GEMM self-time ms per decoded token under
+    the profiler: a `tokens` request minus a 2-token one, like the count)."""
+    from loadtest.bench_single_stream import decode_rate
+
+    ids = prompts(1)[0]
+    ms = min(1000 / decode_rate(engine, ids, tokens) for _ in range(3))
+
+    def gemm_seconds(n: int) -> float:
+        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.generate([engine.make_request(ids, params)])
+        return sum(e.self_cpu_time_total for e in prof.key_averages()
+                   if bucket_of(e.key) == BUCKETS[0][0]) / 1e6
+
+    return ms, (gemm_seconds(tokens) - gemm_seconds(2)) / (tokens - 2) * 1e3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                         "the default model, one stream, instead of the batch-32 time profile")
     parser.add_argument("--count-tokens", type=int, default=10, help="--count-ops: tokens of the long request")
     parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list")
+    parser.add_argument("--time-tokens", type=int, default=32, help="--count-ops: tokens of the timed requests")
+    parser.add_argument("--quantization", default="auto", help="--count-ops: instead of the default (auto)")
+    parser.add_argument("--dtype", default="auto", help="--count-ops: instead of the default (auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

@@ -22,9 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from server.model import fused_ops
 from server.model.attention import attend
 from server.model.kv_cache import KVCache
 
@@ -116,11 +116,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, then scale in the input dtype: HF's exact order of casts.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in fp32, then scale in the input dtype: HF's exact order of casts (fused_ops.rms_norm_reference).
+        return fused_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, acc: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(acc + other), acc + other) in one kernel call where it can; acc's storage may hold the sum."""
+        return fused_ops.add_rms_norm(acc, other, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -166,7 +167,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -182,9 +183,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, step: "StepInputs"):
         bn = self.bottleneck
-        if bn is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-            return x + self.mlp(self.post_attention_layernorm(x))
+        if bn is None:  # the residual add fused with the next norm (fused_ops), the attention output its storage
+            h, x = self.post_attention_layernorm.add_forward(self.self_attn(self.input_layernorm(x), cos, sin, step), x)
+            return x + self.mlp(h)
         x = bn.add("attn", x, self.self_attn(self.input_layernorm(x), cos, sin, step))
         return bn.add("out", x, self.mlp(self.post_attention_layernorm(x)))
 
