@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from server.model import fused_ops
-from server.model.attention import attend
+from server.model.attention import attend, decode_attend
 from server.model.kv_cache import KVCache
 
 
@@ -138,9 +138,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, Hkv*D] x2
+        if not isinstance(step, FlatStep):  # decode on CPU: the compiled kernel, views only
+            out = decode_attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window, self.num_kv_heads)
+            if out is not None:
+                return self.o_proj(out)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
             out = torch.cat([self._attend(g, *(x[g.start:g.stop] for x in (q, k, v, cos, sin)))
                              for g in step.groups])  # [N, H*D]
@@ -223,6 +228,7 @@ class StepInputs:
 
     start: int = 0  # in a FlatStep: the group's first token in the flat batch
     block_tables: torch.Tensor | None = None
+    decode_inputs: tuple | None = None  # attention.decode_attend's per-step views, made by the first layer
 
     def __post_init__(self) -> None:
         if self.block_tables is None:
