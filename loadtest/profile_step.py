@@ -20,9 +20,9 @@ prefill and the engine's set-up cancel out). A count, not a time: valid on a loa
 
     python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15] [--quantization Q --dtype D]
 
-It also times the decode of a `--time-tokens` request without the profiler (ms per token) and, under the
-profiler, the GEMMs' self time per token (int4/int8 weight-only, oneDNN packed and aten mm kernels), so the
-time outside the GEMMs is the difference. `--quantization`/`--dtype` override the defaults (e.g. `none` +
+It also times the decode of a `--time-tokens` request (ms per token, no profiler) and, in one more request, the
+time inside the GEMM modules' forwards (int4/int8 weight-only, oneDNN packed, nn.Linear), so the time outside the
+GEMMs is the difference. `--quantization`/`--dtype` override the defaults (e.g. `none` +
 `bfloat16`: the oneDNN-packed bf16 path; `int8-wo`).
 """
 from __future__ import annotations
@@ -36,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from loadtest.adapters_gen import AdapterFactory, register
@@ -114,28 +115,38 @@ def count_ops(args) -> dict:
         print(f"  {n:8.1f}  {name}")
     ms, gemm_ms = decode_times(engine, args.time_tokens)
     print(f"decode: {ms:.2f} ms per token ({1000 / ms:.1f} tok/s, best of 3 requests of {args.time_tokens} tokens, "
-          f"no profiler); GEMMs {gemm_ms:.2f} ms per token (profiler self time), outside them {ms - gemm_ms:.2f} ms")
+          f"no profiler); in the GEMM modules {gemm_ms:.2f} ms per token (timed around each linear's forward, "
+          f"one more request), outside them {ms - gemm_ms:.2f} ms")
     return {"quantization": config.quantization, "dtype": config.dtype, "aten_calls_per_token": total,
             "by_op": per_op, "ms_per_token": ms, "gemm_ms_per_token": gemm_ms}
 
 
 def decode_times(engine: Engine, tokens: int) -> tuple[float, float]:
-    """(ms per decoded token, best of 3 requests without the profiler; GEMM self-time ms per decoded token under
-    the profiler: a `tokens` request minus a 2-token one, like the count)."""
+    """(ms per decoded token, best of 3 requests; ms per decoded token inside the GEMM modules: every linear's
+    forward (int4/int8 weight-only, oneDNN-packed, nn.Linear, the lm_head) timed around its call in one more
+    request, a `tokens` request minus a 2-token one like the count). Timed by the clock, not the profiler:
+    profiler self times inflated under load (more GEMM time than wall time per token on a loaded machine)."""
     from loadtest.bench_single_stream import decode_rate
+    from server.model.packed_linear import PackedLinear
+    from server.model.weight_only import Int4Linear, Int8Linear
 
     ids = prompts(1)[0]
     ms = min(1000 / decode_rate(engine, ids, tokens) for _ in range(3))
+    watch = Stopwatch()
+    gemms = [m for m in engine.runner.model.modules() if isinstance(m, (Int4Linear, Int8Linear, PackedLinear, nn.Linear))]
+    for module in gemms:
+        watch.wrap(module, "forward", "gemm")
 
     def gemm_seconds(n: int) -> float:
-        params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            engine.generate([engine.make_request(ids, params)])
-        return sum(e.self_cpu_time_total for e in prof.key_averages()
-                   if bucket_of(e.key) == BUCKETS[0][0]) / 1e6
+        watch.seconds.clear()
+        engine.generate([engine.make_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))])
+        return watch.seconds["gemm"]
 
-    return ms, (gemm_seconds(tokens) - gemm_seconds(2)) / (tokens - 2) * 1e3
-
+    try:
+        return ms, (gemm_seconds(tokens) - gemm_seconds(2)) / (tokens - 2) * 1e3
+    finally:
+        for module in gemms:
+            del module.forward
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

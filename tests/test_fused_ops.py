@@ -91,9 +91,9 @@ def test_kernels_reject_what_they_cannot_do(kernel):
         kernel.silu_mul_(x, other.bfloat16())
 
 
-@pytest.mark.parametrize("case", ["no kernel", "grad wanted", "mixed dtypes", "not contiguous"])
+@pytest.mark.parametrize("case", ["no kernel", "grad wanted", "mixed dtypes", "not contiguous", "fp32"])
 def test_dispatch_falls_back_to_the_reference_and_never_writes_inputs_there(case, monkeypatch):
-    x, other, weight = inputs((3, 16), torch.float32, 6)
+    x, other, weight = inputs((3, 16), torch.float32 if case == "fp32" else torch.bfloat16, 6)
     if case == "no kernel":
         monkeypatch.setattr(cpu_ext, "kernel", lambda: None)
     elif case == "grad wanted":
