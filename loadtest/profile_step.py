@@ -18,7 +18,12 @@ GGUF grid in bf16 on a CPU with native bf16), one stream: every `aten::` event t
 included, for a request of `--count-tokens` new tokens minus one of 2 tokens, divided by the difference (so the
 prefill and the engine's set-up cancel out). A count, not a time: valid on a loaded machine.
 
-    python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15]
+    python -m loadtest.profile_step --count-ops [--count-tokens 10] [--top 15] [--quantization Q --dtype D]
+
+It also times the decode of a `--time-tokens` request (ms per token, no profiler) and, in one more request, the
+time inside the GEMM modules' forwards (int4/int8 weight-only, oneDNN packed, nn.Linear), so the time outside the
+GEMMs is the difference. `--quantization`/`--dtype` override the defaults (e.g. `none` +
+`bfloat16`: the oneDNN-packed bf16 path; `int8-wo`).
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from loadtest.adapters_gen import AdapterFactory, register
@@ -45,7 +51,7 @@ from server.model.loader import load_model, parse_dtype
 
 BATCH = 32
 BUCKETS = [  # (bucket, substrings of op names), first match wins
-    ("GEMM (linears, lm_head)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn")),
+    ("GEMM (linears, lm_head)", ("linear", "addmm", "aten::mm", "matmul", "mkldnn", "pack_mm")),
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention")),
     ("KV cache write", ("index_copy",)),
     ("adapter ops (LoRA kernel, bmm, IA3 gathers)", ("add_lora", "bmm", "index_select", "lora")),
@@ -94,7 +100,7 @@ def count_ops(args) -> dict:
     """aten calls per decoded token at default flags on the default model (see the module docstring)."""
     if args.count_tokens < 3:
         raise SystemExit("--count-tokens must be at least 3 (the count is the difference against 2 tokens)")
-    config = resolve(EngineConfig())  # the server's defaults: default model, quantization and dtype auto
+    config = resolve(replace(EngineConfig(), quantization=args.quantization, dtype=args.dtype))  # default model
     loaded = load_model(config.model, dtype=parse_dtype(config.dtype), quantization=config.quantization,
                         batch_hint=config.max_batch)
     engine = Engine(loaded, config)
@@ -107,9 +113,40 @@ def count_ops(args) -> dict:
           f"{total:.0f} aten calls per decoded token (nested included; {steps} tokens)")
     for name, n in sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]:
         print(f"  {n:8.1f}  {name}")
+    ms, gemm_ms = decode_times(engine, args.time_tokens)
+    print(f"decode: {ms:.2f} ms per token ({1000 / ms:.1f} tok/s, best of 3 requests of {args.time_tokens} tokens, "
+          f"no profiler); in the GEMM modules {gemm_ms:.2f} ms per token (timed around each linear's forward, "
+          f"one more request), outside them {ms - gemm_ms:.2f} ms")
     return {"quantization": config.quantization, "dtype": config.dtype, "aten_calls_per_token": total,
-            "by_op": per_op}
+            "by_op": per_op, "ms_per_token": ms, "gemm_ms_per_token": gemm_ms}
 
+
+def decode_times(engine: Engine, tokens: int) -> tuple[float, float]:
+    """(ms per decoded token, best of 3 requests; ms per decoded token inside the GEMM modules: every linear's
+    forward (int4/int8 weight-only, oneDNN-packed, nn.Linear, the lm_head) timed around its call in one more
+    request, a `tokens` request minus a 2-token one like the count). Timed by the clock, not the profiler:
+    profiler self times inflated under load (more GEMM time than wall time per token on a loaded machine)."""
+    from loadtest.bench_single_stream import decode_rate
+    from server.model.packed_linear import PackedLinear
+    from server.model.weight_only import Int4Linear, Int8Linear
+
+    ids = prompts(1)[0]
+    ms = min(1000 / decode_rate(engine, ids, tokens) for _ in range(3))
+    watch = Stopwatch()
+    gemms = [m for m in engine.runner.model.modules() if isinstance(m, (Int4Linear, Int8Linear, PackedLinear, nn.Linear))]
+    for module in gemms:
+        watch.wrap(module, "forward", "gemm")
+
+    def gemm_seconds(n: int) -> float:
+        watch.seconds.clear()
+        engine.generate([engine.make_request(ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))])
+        return watch.seconds["gemm"]
+
+    try:
+        return ms, (gemm_seconds(tokens) - gemm_seconds(2)) / (tokens - 2) * 1e3
+    finally:
+        for module in gemms:
+            del module.forward
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count-tokens", type=int, default=10, help="--count-ops: tokens of the long request")
     parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list; the time "
                         "profile: the ops with most self time")
+    parser.add_argument("--time-tokens", type=int, default=32, help="--count-ops: tokens of the timed requests")
+    parser.add_argument("--quantization", default="auto", help="--count-ops: instead of the default (auto)")
+    parser.add_argument("--dtype", default="auto", help="--count-ops: instead of the default (auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)

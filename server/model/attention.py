@@ -36,23 +36,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def decode_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, step: "StepInputs", sliding_window: int | None, kv_heads: int
+                  ) -> torch.Tensor | None:
+    """The compiled decode kernel on the projections as they come: q [B, 1, H*D], k/v [B, 1, Hkv*D], cos/sin
+    [B, 1, 1, D] -> [B, 1, H*D]; None where it does not apply (T > 1, not CPU, dtypes differ, no compiler).
+
+    Views only, and the per-step ones (cos, sin, positions as [B, D], [B]) made once per step in
+    `step.decode_inputs`: at batch 1 the calls are the cost, and the path through `attend` (view + transpose
+    of q/k/v, views back, `cache.k[layer]`) was ~20 aten calls per layer, this is 4 (profile_step --count-ops).
+    """
+    b, t, width = q.shape
+    cache = step.cache
+    if t != 1 or q.device.type != "cpu" or not q.dtype == cache.k.dtype == cos.dtype:
+        return None
+    kernel = cpu_ext.kernel()
+    if kernel is None:
+        return None
+    d = cos.shape[-1]
+    made = getattr(step, "decode_inputs", None)
+    if made is None or made[0] is not cos:
+        made = step.decode_inputs = (cos, cos.view(b, d), sin.view(b, d), step.cache_pos.view(b))
+    _, cos_bd, sin_bd, positions = made
+
+    def heads(x: torch.Tensor, n: int) -> torch.Tensor:  # [B, 1, n*D] -> [B, n, D]
+        return x.view(b, n, d) if x.is_contiguous() else x.reshape(b, n, d)
+
+    out = kernel.decode_attention_(heads(q, width // d), heads(k, kv_heads), heads(v, kv_heads), cos_bd, sin_bd,
+                                   cache.k_layers[layer], cache.v_layers[layer], positions, step.block_tables,
+                                   sliding_window or 0)  # [B, H, D]
+    return out.view(b, 1, width)
+
+
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
            step: "StepInputs", sliding_window: int | None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, T, D] (before rope) of the rows step.rows, cos/sin [B, 1, T, D] of their
-    rope positions -> [B, T, H*D]."""
+    rope positions -> [B, T, H*D]. (A decode step of the model goes through `decode_attend` first.)"""
     b, heads, t, d = q.shape
+    if t == 1:
+        hkv = k.shape[1]
+        out = decode_attend(layer, q.transpose(1, 2).reshape(b, 1, heads * d), k.transpose(1, 2).reshape(b, 1, hkv * d),
+                            v.transpose(1, 2).reshape(b, 1, hkv * d), cos, sin, step, sliding_window, hkv)
+        if out is not None:
+            return out
     cache = step.cache
-    if t == 1 and q.device.type == "cpu" and q.dtype == cache.k.dtype == cos.dtype:
-        kernel = cpu_ext.kernel()
-        if kernel is not None:
-            # T = 1, so views drop the unit dims: one aten call each, where x[:, :, 0] was two (select and its
-            # as_strided) and cos[:, 0, 0] four; 270 of the ~4,500 aten calls per decoded token (profile_step
-            # --count-ops). view accepts the transposed q/k/v because the dim their strides differ in has size 1.
-            hkv = k.shape[1]
-            out = kernel.decode_attention_(q.view(b, heads, d), k.view(b, hkv, d), v.view(b, hkv, d),
-                                           cos.view(b, d), sin.view(b, d), cache.k[layer], cache.v[layer],
-                                           step.cache_pos.view(b), step.block_tables, sliding_window or 0)  # [B, H, D]
-            return out.view(b, 1, heads * d)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.write_and_read(layer, step.block_tables, step.kv_index, k, v, step.kv_len)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)

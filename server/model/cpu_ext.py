@@ -1,7 +1,9 @@
 """The CPU kernels (csrc/*.cpp), compiled into one module with torch's extension tools on first use.
 
 - `add_lora_rows_` (lora_cpu.cpp): mixed-adapter LoRA decode, each row reading its own slot's factors;
-- `decode_attention_` (decode_attention_cpu.cpp): decode attention fused with the KV-cache write.
+- `decode_attention_` (decode_attention_cpu.cpp): decode attention fused with the KV-cache write;
+- `rms_norm`, `add_rms_norm_`, `silu_mul_` (norm_act_cpu.cpp): the decoder layer's elementwise ops fused
+  (server.model.fused_ops chooses between them and their torch reference).
 
 `make install` builds it ahead of time (`python -m server.model.cpu_ext`); the
 build is cached under torch's extensions directory. Where no compiler is at hand,
@@ -35,13 +37,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp")]
+            for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp", "norm_act_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 
 
 def kernel():
-    """The compiled module (`add_lora_rows_`, `decode_attention_`), or None if it cannot be built here."""
+    """The compiled module (`add_lora_rows_`, `decode_attention_`, `rms_norm`, `add_rms_norm_`, `silu_mul_`), or None
+    if it cannot be built here."""
     if "module" in _state:
         return _state["module"]
     with _lock:

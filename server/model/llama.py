@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from server.model.attention import attend
+from server.model import fused_ops
+from server.model.attention import attend, decode_attend
 from server.model.kv_cache import KVCache
 
 
@@ -116,11 +116,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, then scale in the input dtype: HF's exact order of casts.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # Normalise in fp32, then scale in the input dtype: HF's exact order of casts (fused_ops.rms_norm_reference).
+        return fused_ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, acc: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(self(acc + other), acc + other) in one kernel call where it can; acc's storage may hold the sum."""
+        return fused_ops.add_rms_norm(acc, other, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -137,9 +138,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, Hkv*D] x2
+        if not isinstance(step, FlatStep):  # decode on CPU: the compiled kernel, views only
+            out = decode_attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window, self.num_kv_heads)
+            if out is not None:
+                return self.o_proj(out)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
             out = torch.cat([self._attend(g, *(x[g.start:g.stop] for x in (q, k, v, cos, sin)))
                              for g in step.groups])  # [N, H*D]
@@ -166,7 +172,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(fused_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))  # silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -182,9 +188,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, step: "StepInputs"):
         bn = self.bottleneck
-        if bn is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, step)
-            return x + self.mlp(self.post_attention_layernorm(x))
+        if bn is None:  # the residual add fused with the next norm (fused_ops), the attention output its storage
+            h, x = self.post_attention_layernorm.add_forward(self.self_attn(self.input_layernorm(x), cos, sin, step), x)
+            return x + self.mlp(h)
         x = bn.add("attn", x, self.self_attn(self.input_layernorm(x), cos, sin, step))
         return bn.add("out", x, self.mlp(self.post_attention_layernorm(x)))
 
@@ -222,6 +228,7 @@ class StepInputs:
 
     start: int = 0  # in a FlatStep: the group's first token in the flat batch
     block_tables: torch.Tensor | None = None
+    decode_inputs: tuple | None = None  # attention.decode_attend's per-step views, made by the first layer
 
     def __post_init__(self) -> None:
         if self.block_tables is None:

@@ -128,7 +128,8 @@ class Int4Linear(nn.Module):
             y = y[:, :self.out_features]
         if self.bias is not None:
             y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # a view where it can be (one aten call; reshape is two), as _as_2d
+        return y.view(*x.shape[:-1], self.out_features) if y.is_contiguous() else y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 group {self.group}"

@@ -8,8 +8,14 @@ void add_lora_rows_(at::Tensor y, at::Tensor x, at::Tensor lora_a, at::Tensor lo
 at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, at::Tensor cos,
                                 at::Tensor sin, at::Tensor k_cache, at::Tensor v_cache,
                                 at::Tensor positions, at::Tensor block_tables, int64_t window);
+at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
+at::Tensor add_rms_norm_(at::Tensor acc, at::Tensor other, at::Tensor weight, double eps);
+at::Tensor silu_mul_(at::Tensor gate, at::Tensor up);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_rows_", &add_lora_rows_, "per-row LoRA update of y in place (lora_cpu.cpp)");
   m.def("decode_attention_", &decode_attention_, "decode attention fused with rope and the KV write (decode_attention_cpu.cpp)");
+  m.def("rms_norm", &rms_norm, "RMSNorm, normalised in fp32 (norm_act_cpu.cpp)");
+  m.def("add_rms_norm_", &add_rms_norm_, "acc += other in place, then RMSNorm of acc (norm_act_cpu.cpp)");
+  m.def("silu_mul_", &silu_mul_, "gate = silu(gate) * up in place (norm_act_cpu.cpp)");
 }

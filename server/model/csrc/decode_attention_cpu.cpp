@@ -125,8 +125,13 @@ at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, a
               "decode_attention_: dtype mismatch");
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t kv_heads = k_cache.size(1), bs = k_cache.size(2), num_blocks = k_cache.size(0);
-  auto pos = positions.to(at::kLong).contiguous();
-  auto tables = block_tables.to(at::kLong).contiguous();
+  // No aten call where nothing needs converting: at batch 1 these checks ran ~14 aten calls per layer (the
+  // conversions, min/max and their .item()), ~420 of the ~4,200 per decoded token; plain loops check the bounds.
+  auto long_contiguous = [](const at::Tensor& t) {
+    return t.scalar_type() == at::kLong && t.is_contiguous() ? t : t.to(at::kLong).contiguous();
+  };
+  const auto pos = long_contiguous(positions);
+  const auto tables = long_contiguous(block_tables);
   TORCH_CHECK(heads % kv_heads == 0 && k_cache.size(3) == dim && v_cache.sizes() == k_cache.sizes() &&
                   k_new.size(0) == batch && k_new.size(1) == kv_heads && k_new.size(2) == dim &&
                   v_new.sizes() == k_new.sizes() && pos.numel() == batch && dim % 2 == 0 &&
@@ -134,21 +139,20 @@ at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, a
                   tables.dim() == 2 && tables.size(0) == batch && bs > 0 && (bs & (bs - 1)) == 0,
               "decode_attention_: shape mismatch");
   const int64_t width = tables.size(1);
-  TORCH_CHECK(batch == 0 || (pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < width * bs),
+  const int64_t* pos_p = pos.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(pos_p, pos_p + batch, [&](int64_t p) { return p >= 0 && p < width * bs; }),
               "decode_attention_: position outside the block table");
-  TORCH_CHECK(batch == 0 || width == 0 || (tables.min().item<int64_t>() >= 0 && tables.max().item<int64_t>() < num_blocks),
+  const int64_t* tables_p = tables.data_ptr<int64_t>();
+  TORCH_CHECK(std::all_of(tables_p, tables_p + batch * width, [&](int64_t id) { return id >= 0 && id < num_blocks; }),
               "decode_attention_: block id outside the pool");
-  q = q.contiguous();
-  k_new = k_new.contiguous();
-  v_new = v_new.contiguous();
-  cos = cos.contiguous();
-  sin = sin.contiguous();
+  for (at::Tensor* t : {&q, &k_new, &v_new, &cos, &sin})
+    if (!t->is_contiguous()) *t = t->contiguous();
   auto out = at::empty({batch, heads, dim}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "decode_attention_", [&] {
     decode_rows<scalar_t>(q.data_ptr<scalar_t>(), k_new.data_ptr<scalar_t>(), v_new.data_ptr<scalar_t>(),
                           cos.data_ptr<scalar_t>(), sin.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(),
                           v_cache.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                          pos.data_ptr<int64_t>(), tables.data_ptr<int64_t>(), width, batch, heads, kv_heads, bs,
+                          pos_p, tables_p, width, batch, heads, kv_heads, bs,
                           dim, window,
                           1.f / std::sqrt(static_cast<float>(dim)));
   });
