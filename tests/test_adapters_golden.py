@@ -42,12 +42,13 @@ def engine_for(loaded, store, **overrides) -> Engine:
                                           "merge_threshold": 2.0, **overrides}), store=store)
 
 
-def prefill_logits(engine: Engine, adapter: str | None) -> torch.Tensor:
-    """Last-prompt-token logits [V] through the engine's own admission + prefill path."""
-    request = engine.make_request(PROMPT, SamplingParams(max_tokens=1, temperature=0.0), adapter=adapter)
+def prefill_logits(engine: Engine, adapter: str | None, prompt: list[int] = PROMPT) -> torch.Tensor:
+    """Last-prompt-token logits [V] through the engine's own admission, prefix write and prefill path (with the row's
+    rope shift: a MAM prefix's prompt starts at position 0)."""
+    request = engine.make_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter=adapter)
     if adapter:
         engine.adapters.prefetch(request.adapter_version, adapter)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while not engine.adapters.try_acquire(request):
         assert time.monotonic() < deadline
         time.sleep(0.01)
@@ -55,7 +56,7 @@ def prefill_logits(engine: Engine, adapter: str | None) -> torch.Tensor:
     if prefix is not None:
         engine.runner.cache.write_prefix(0, *prefix)
     engine.adapters.set_mapping([request])
-    logits = engine.runner.prefill(0, [PROMPT], [request.prefix_len])[0]
+    logits = engine.runner.prefill(0, [prompt], [request.prefix_len], requests=[request])[0]
     engine.adapters.release(request)
     return logits
 

@@ -46,16 +46,10 @@ def oracle(tmp_path_factory):
 
 
 def prompt_logits(engine, adapter, prompt) -> torch.Tensor:
-    """Last-prompt-token logits [V] through the engine (prompt_logprobs-free: one step of max_tokens=1)."""
+    """Last-prompt-token logits [V] through the engine (tests.test_adapters_golden.prefill_logits)."""
     from tests.test_adapters_golden import prefill_logits
-    import tests.test_adapters_golden as golden
 
-    saved = golden.PROMPT
-    golden.PROMPT = prompt
-    try:
-        return prefill_logits(engine, adapter)
-    finally:
-        golden.PROMPT = saved
+    return prefill_logits(engine, adapter, prompt)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -19,11 +19,10 @@ from adapters.composition import Composition, Member, plan_composition
 from adapters.convert import convert_dir
 from adapters.format import AdapterError, inspect_adapter_dir, load_adapter
 from adapters.store import AdapterStore
-from server.engine.request import SamplingParams
 from server.model.loader import load_model
 from tests.adapterhub_oracle import SKIP_REASON, oracle_python, run_oracle
 from tests.test_adapter_format import spec
-from tests.test_adapters_golden import engine_for, generate, greedy_request
+from tests.test_adapters_golden import engine_for, generate, greedy_request, prefill_logits
 from tests.test_bottleneck_format import SEQ_BN
 
 HIDDEN, LAYERS, P = 128, 2, 5
@@ -125,25 +124,6 @@ def oracle(tmp_path_factory):
     return root / "llama" / "model", store, reference
 
 
-def prompt_logits(engine, adapter, prompt) -> torch.Tensor:
-    """Last-prompt-token logits [V] through the engine's admission, prefix write and prefill (with the row's rope
-    shift)."""
-    import time
-
-    request = engine.make_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter=adapter)
-    if adapter:
-        engine.adapters.prefetch(request.adapter_version, adapter)
-    deadline = time.monotonic() + 30
-    while not engine.adapters.try_acquire(request):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    prefix = engine.adapters.prefix_for(request)
-    if prefix is not None:
-        engine.runner.cache.write_prefix(0, *prefix)
-    engine.adapters.set_mapping([request])
-    logits = engine.runner.prefill(0, [prompt], [request.prefix_len], requests=[request])[0]
-    engine.adapters.release(request)
-    return logits
 
 
 def test_mam_matches_the_library_fp32(oracle):
@@ -151,7 +131,7 @@ def test_mam_matches_the_library_fp32(oracle):
     engine = engine_for(load_model(base, dtype=torch.float32), store)
     for name, config, _ in ADAPTERS:
         for prompt, want, plain in zip(PROMPTS, reference[name], reference["base"]):
-            ours = prompt_logits(engine, name, prompt)
+            ours = prefill_logits(engine, name, prompt)
             torch.testing.assert_close(ours, torch.tensor(want["logits"]), atol=1e-4, rtol=0, msg=name)
             assert (ours - torch.tensor(plain["logits"])).abs().max() > 0.05, f"{name} must visibly change the output"
         got = generate(engine, [greedy_request(name, p, NEW_TOKENS) for p in PROMPTS])

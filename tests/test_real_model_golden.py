@@ -26,7 +26,6 @@ the newest engine on a model owns its adapter slots.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -46,6 +45,7 @@ from server.engine.request import SamplingParams
 from server.model.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 from server.model.loader import load_model
 from tests.server_harness import LiveServer
+from tests.test_adapters_golden import prefill_logits
 
 NEW = 32
 SERVED_FACTOR = 3  # the served (oneDNN-packed) fp32 path against fp64, in units of transformers' own fp32 distance
@@ -138,22 +138,6 @@ def direct(setup):
     return {m: {p: (logits.get((m, p)), requests[m, p].output_token_ids) for p in prompts} for m in models}
 
 
-def prefill_logits(engine: Engine, adapter: str | None, prompt: list[int]) -> torch.Tensor:
-    """Last-prompt-token logits [V] through the engine's admission + prefill path (as test_adapters_golden)."""
-    request = engine.make_request(prompt, SamplingParams(max_tokens=1, temperature=0.0), adapter=adapter)
-    if adapter:
-        engine.adapters.prefetch(request.adapter_version, adapter)
-    deadline = time.monotonic() + 60
-    while not engine.adapters.try_acquire(request):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    prefix = engine.adapters.prefix_for(request)
-    if prefix is not None:
-        engine.runner.cache.write_prefix(0, *prefix)
-    engine.adapters.set_mapping([request])
-    logits = engine.runner.prefill(0, [prompt], [request.prefix_len])[0]
-    engine.adapters.release(request)
-    return logits
 
 
 def reference(base, paths, model):
