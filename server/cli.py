@@ -169,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[EngineConfig, ServerConfi
         p.error("--engine vllm and --ray do not combine: vLLM runs as one worker process of this server; "
                 "use one of them")
     if a.engine == "vllm":
-        from server.engine.vllm_client import vllm_python
+        from server.vllm_engine.client import vllm_python
 
         try:
             vllm_python(a.vllm_python)

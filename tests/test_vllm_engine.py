@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from loadtest.servers import ServerProcess, free_port
-from server.engine.vllm_client import vllm_python
+from server.vllm_engine.client import vllm_python
 
 pytestmark = pytest.mark.timeout(900)
 MODEL = "tiny-llama-builtin"

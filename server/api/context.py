@@ -8,12 +8,13 @@ from fastapi import Request
 
 from server.api.errors import APIError
 from server.config import ServerConfig
+from server.engine_client import EngineClient
 from server.metrics import Metrics
 
 
 @dataclass(frozen=True)
 class ServerContext:
-    engine: object  # server.engine.engine.Engine, or anything with the same contract
+    engine: EngineClient  # the native Engine, the vLLM client or the Ray client (server.engine_client)
     config: ServerConfig
     metrics: Metrics
     started_at: int  # unix time the app was created ("created" of the base model card)

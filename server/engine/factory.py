@@ -82,7 +82,7 @@ def auto_quantization(device: str, model: str) -> str:
 
 def build_engine(config: EngineConfig) -> Engine:
     if config.engine == "vllm":  # the same contract, served by vLLM in a worker process (LoRA only)
-        from server.engine.vllm_client import VllmEngineClient
+        from server.vllm_engine.client import VllmEngineClient
 
         return VllmEngineClient(config)
     if config.engine != "native":

@@ -2,7 +2,7 @@
 
 The FastAPI app (``create_app``, unchanged: routes, auth, adapter store and uploads, adapterctl, metrics)
 talks to this object as it talks to :class:`~server.engine.engine.Engine`; the base and LoRA adapters run
-in vLLM's ``AsyncLLM`` inside a worker process this server owns (:mod:`server.engine.vllm_worker`).
+in vLLM's ``AsyncLLM`` inside a worker process this server owns (:mod:`server.vllm_engine.worker`).
 
 Why a worker process, and why ours rather than vLLM's OpenAI server:
 
@@ -20,7 +20,7 @@ Mapping: --max-batch -> max_num_seqs, --max-seq-len -> max_model_len, --max-pref
 max_num_batched_tokens (chunked prefill), --max-adapter-slots -> max_loras (4x that LoRAs kept on vLLM's
 CPU side), --max-lora-rank -> max_lora_rank (rounded up to a rank vLLM accepts; higher ranks are refused
 here), --seed -> seed, --dtype as resolved. KV cache: ``VLLM_CPU_KVCACHE_SPACE`` (GiB) if set, else what
---max-batch x --max-seq-len needs. What vLLM cannot do is refused (:mod:`server.engine.vllm_requests`).
+--max-batch x --max-seq-len needs. What vLLM cannot do is refused (:mod:`server.vllm_engine.params`).
 The merge flags do not apply. The worker starts before the HTTP server does (tens of seconds: its own
 imports and engine core); if it dies, requests fail with a 503 until the server is restarted.
 """
@@ -48,15 +48,15 @@ from server.engine.engine import Engine, _eos_ids
 from server.engine.factory import resolve
 from server.engine.slot_sizing import slots_without_model
 from server.engine.request import EngineUnavailable, QueueFull, Request, RequestError
-from server.engine.vllm_requests import LoraSnapshots, check_supported, vllm_params
-from server.engine.vllm_stream import VllmRequestStream, dispatch
+from server.vllm_engine.params import LoraSnapshots, check_supported, vllm_params
+from server.vllm_engine.stream import VllmRequestStream, dispatch
 from server.model.builtin import default_cache_dir
 from server.model.loader import _generation_config, parse_dtype
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PYTHON = Path(__file__).resolve().parents[2] / ".venv-vllm" / "bin" / "python"
-WORKER = Path(__file__).with_name("vllm_worker.py")
+WORKER = Path(__file__).with_name("worker.py")
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 

