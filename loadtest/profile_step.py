@@ -160,8 +160,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top", type=int, default=15, help="--count-ops: the ops with most calls to list; the time "
                         "profile: the ops with most self time")
     parser.add_argument("--time-tokens", type=int, default=32, help="--count-ops: tokens of the timed requests")
-    parser.add_argument("--quantization", default="auto", help="--count-ops: instead of the default (auto)")
-    parser.add_argument("--dtype", default="auto", help="--count-ops: instead of the default (auto)")
+    parser.add_argument("--quantization", default="auto", help="--count-ops / --default-model: instead of the "
+                        "default (auto)")
+    parser.add_argument("--dtype", default="auto", help="--count-ops / --default-model: instead of the default (auto)")
+    parser.add_argument("--default-model", action="store_true", help="the batch-32 profile on the default model "
+                        "(SmolLM2-135M-Instruct at --quantization/--dtype) instead of the 134M bench Llama")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -170,9 +173,14 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model_dir = make_model_dir(root / "model")
-        config = resolve(replace(EngineConfig(), model=str(model_dir), max_batch=BATCH, max_adapter_slots=BATCH,
-                                 adapter_dir=str(root / "store")))
+        if args.default_model:  # the default model at --quantization/--dtype (auto: the GGUF grid in bf16 here)
+            config = resolve(replace(EngineConfig(), quantization=args.quantization, dtype=args.dtype,
+                                     max_batch=BATCH, max_adapter_slots=BATCH, adapter_dir=str(root / "store")))
+            model_dir = Path(config.model)
+        else:
+            model_dir = make_model_dir(root / "model")
+            config = resolve(replace(EngineConfig(), model=str(model_dir), max_batch=BATCH, max_adapter_slots=BATCH,
+                                     adapter_dir=str(root / "store")))
         names: list[str | None] = [None] * BATCH
         if args.kind == "houlsby":
             from adapters.store import AdapterStore
@@ -212,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     for event in prof.key_averages():
         totals[bucket_of(event.key)] += event.self_cpu_time_total / 1e6
     steps = args.new_tokens
-    print(f"{args.kind}: {BATCH} rows x {steps} tokens, {config.dtype}, max_seq_len {config.max_seq_len}, "
+    print(f"{args.kind}: {BATCH} rows x {steps} tokens, {Path(config.model).name}, {config.quantization}, "
+          f"{config.dtype}, max_seq_len {config.max_seq_len}, "
           f"{args.threads} threads: {wall:.2f} s under the profiler ({BATCH * steps / wall:.0f} tok/s), "
           f"{wall / steps * 1e3:.1f} ms/step")
     print(f"{'bucket':<62} {'ms/step':>8} {'share':>6}")

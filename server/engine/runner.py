@@ -154,7 +154,8 @@ class ModelRunner:
             rows += [decode.requests[i] for i in keep]
             logits.append(block if len(keep) == len(decode.sampled) else block[keep])
         if rows:
-            tokens, logprobs = sample(torch.cat(logits), [sampling_of(r) for r in rows])
+            # one block (a pure decode step) is sampled as it is: cat would copy [B, V] for nothing
+            tokens, logprobs = sample(logits[0] if len(logits) == 1 else torch.cat(logits), [sampling_of(r) for r in rows])
             out.sampled = [SampledToken(r, t, lp) for r, t, lp in zip(rows, tokens, logprobs)]
         return out
 
