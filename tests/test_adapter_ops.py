@@ -56,6 +56,32 @@ def test_kernel_handles_bfloat16(slots):
     torch.testing.assert_close(out[3], y[3])  # slot 0 rows are untouched
 
 
+@pytest.mark.parametrize("i, o, rank", [(64, 48, 8), (576, 192, 16), (37, 21, 5), (80, 200, 3), (7, 3, 1)])
+def test_bfloat16_kernel_rounds_once_to_nearest_even(i, o, rank):
+    """The hand-vectorized bf16 path (AVX-512 / AVX2; lora_cpu.cpp), its tails (in % 16, out % 16) included: y + delta
+    with the delta accumulated in fp32 and rounded to bf16 once. Against the fp32 reference rounded once: equal to
+    within one bf16 step (the order of the fp32 sums differs), and a NaN in y stays NaN."""
+    if cpu_ext.kernel() is None:
+        pytest.skip("no compiler for the CPU kernel here")
+    torch.manual_seed(i * 1000 + o)
+    s = 5
+    a, b = torch.randn(s, rank + 2, i).bfloat16(), torch.randn(s, rank + 2, o).bfloat16()
+    a[0], b[0] = 0, 0  # slot 0 is the identity
+    x, y = torch.randn(6, 1, i).bfloat16(), torch.randn(6, 1, o).bfloat16()
+    y[4, 0, o // 2] = float("nan")
+    rows = torch.tensor([1, 3, 4, 0, 2, 1])
+    out = add_lora(y.clone(), x, a, b, rows, rank)
+    delta = lora_delta_reference(x.float(), a[:, :rank].float(), b[:, :rank].float(), rows)
+    expected = (y.float() + delta).bfloat16()
+    step = expected.float().abs().clamp_min(1e-30) * 2.0 ** -7  # one bf16 step (8 significant bits)
+    finite = ~expected.isnan()
+    diff = (out.float() - expected.float()).abs()[finite]
+    assert (diff <= step[finite]).all()
+    assert (diff == 0).float().mean() >= 0.97  # rounded to nearest: truncation would miss about half
+    assert out[4, 0, o // 2].isnan() and int(finite.logical_not().sum()) == 1
+    assert torch.equal(out[3], y[3])  # slot 0 untouched
+
+
 def test_row_scale():
     scales = torch.rand(S, O) + 0.5
     y = torch.randn(3, 2, O)
