@@ -1,19 +1,30 @@
-"""Weight-only int8 / int4 linears on CPU (`--quantization int8-wo | int4-wo`), on torch's own kernels.
+"""Weight-only int8 / int4 linears on CPU (`--quantization int8-wo | int4-wo`, and the GGUF grid's modules).
 
-- int8-wo: symmetric per output channel, W[n, :] = q[n, :] * scale[n], q int8 in [-127, 127];
-  `torch.ops.aten._weight_int8pack_mm(x [M, K], q [N, K], scale [N])`.
-- int4-wo: asymmetric, groups of 32 along the input axis, W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]
-  with q in [0, 15] and g = k // 32 (the kernel's own formula, checked in tests/test_weight_only.py);
-  `_convert_weight_to_int4pack_for_cpu` packs q once, `_weight_int4pack_mm_for_cpu(x, packed, 32, sz)` with
-  sz [K/32, N, 2] = (scale, zero) multiplies. A GGUF Q4_0 / Q4_1 block is exactly such a group
-  (server.model.gguf_grid builds these modules from the file's blocks without requantizing).
+Both hold weights in blocks of 32 along the input axis (K):
+- Int4Linear: W[n, k] = q[n, k] * scale[n, b] + offset[n, b], q in [0, 15], b = k // 32 (int4-wo: min/max per
+  group, offset = min; GGUF Q4_0: offset = -8 scale; Q4_1: offset = m).
+- Int8Linear: W[n, k] = q[n, k] * scale[n, b], q int8 (int8-wo: max|w| / 127 per block, GGUF Q8_0's rule; GGUF
+  Q8_0 as in the file). Before qgemm, int8-wo scaled per output channel (torch's `_weight_int8pack_mm`); blocks of
+  32 are finer (each scale fits 32 weights, not 576-1536), at 4 bytes of fp32 scale per 32 weights.
 
-Both kernels take scales in the activations' dtype and are fast only for bf16 (or fp16) activations: measured on
-the 2-core Zen 4 (SmolLM2's lm_head 49152x576, M=1): int4 4.4 ms in bf16 against 86 ms in fp32, int8 6.3 against
-48 ms, where bf16 oneDNN-packed takes 8.2 ms. The factory therefore serves these quantizations in bf16 (see
-server.engine.factory); fp32 compute stays available (and exact against the dequantized model) for tests.
-At M=32 (batched decode) bf16-packed is as fast or faster (31 ms vs int4 47 ms for the lm_head): these kernels
-are the single-stream choice.
+Kernel: qgemm (server/model/csrc/qgemm_cpu.cpp) wherever the CPU kernels compile (`cpu_ext.kernel()`): codes
+repacked once into 16-row tiles, scales/offsets in fp32, the activations quantized per row per block of 32 to int8
+(as llama.cpp's Q8_1 / Q8_0 activations), integer dot products (AVX512-VNNI / AVX-VNNI / AVX2 / scalar), fp32
+accumulation, y in x's dtype (bf16 or fp32). Measured on the 2-core Zen 4 (`make bench-qgemm`, load ~5, bf16 x):
+M=1 lm_head 49152x576 Q8 at ~1.0x and Q4 2.5x of bf16 oneDNN-packed; MLP 1536x576 / 576x1536 at 5-14x of
+bf16-packed and 7-8x of torch's int4 kernel. It beats torch's int4 and int8 kernels at every M measured
+(1, 4, 32, 512), so it serves every M (decode and prefill); at M >= 32 bf16-packed is faster still (0.6-0.9x), but
+it needs a dense copy of the weights, which these quantizations exist to avoid.
+Error: the activation quantization moves fp32 logits by 2.5-4.7% of the largest |logit| on the real default model
+(tests/test_gguf_grid.py) and by up to 4.4% on the tiny random test model (tests/test_weight_only.py), as
+llama.cpp's own int8 activations do; the weights themselves are exact.
+
+Without the compiled module (ADAPTER_SERVER_NO_EXT=1, no compiler) or with ADAPTER_SERVER_QGEMM=0 (tests: fp32
+exact against the dequantized model): Int4Linear runs torch's `_weight_int4pack_mm_for_cpu` (its formula
+w = (q - 8) * scale + zero, zero = offset + 8 scale, scale and zero held in the compute dtype; fast only in bf16:
+the lm_head took 4.4 ms in bf16 against 86 ms in fp32), Int8Linear a dense compute-dtype copy of its dequantized
+weight (torch's int8 kernel cannot hold blocks of 32). The factory serves these quantizations in bf16 (see
+server.engine.factory).
 
 Which modules: every decoder linear and the lm_head. A tied embedding keeps its dense compute-dtype table for the
 lookup (one row per token costs nothing; only the lm_head's GEMM reads the whole matrix each step), so the tied
