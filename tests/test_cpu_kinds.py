@@ -20,13 +20,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_adapter_ops.py", "tests/test_fused_ops.py"]
+KERNEL_TESTS = ["tests/test_attention.py", "tests/test_adapter_ops.py", "tests/test_fused_ops.py", "tests/test_qgemm.py"]
 
 # -march -> (the kind whose vectorized code it is, the cpuinfo flags a CPU needs to run it)
 KINDS = {
     "x86-64-v3": ("AMD EPYC Zen 3: AVX2 + FMA", {"avx2", "fma", "bmi2", "f16c", "movbe"}),
     "x86-64-v4": ("Intel Xeon model 207: AVX-512, no BF16", {"avx2", "fma", "avx512f", "avx512bw", "avx512cd",
                                                               "avx512dq", "avx512vl"}),
+    # qgemm (qgemm_cpu.cpp) has a VNNI path: AVX-512 + VNNI without BF16 is the Intel Xeon model 207 (Cascade Lake)
+    "cascadelake": ("Intel Xeon model 207: AVX-512 + VNNI, no BF16", {"avx2", "fma", "avx512f", "avx512bw",
+                                                                      "avx512cd", "avx512dq", "avx512vl", "avx512_vnni"}),
 }
 
 

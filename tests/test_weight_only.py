@@ -16,41 +16,55 @@ from server.model.adapter_layers import AdapterLinear, BatchMapping
 from server.model.loader import load_model
 from server.model.merge import dense_linear
 from server.model.packed_linear import PackedLinear, packing_available
-from server.model.weight_only import INT4_GROUP, Int4Linear, Int8Linear, is_weight_only
+from server.model.weight_only import INT4_GROUP, QGEMM_ENV, Int4Linear, Int8Linear, is_weight_only
 from tests.peft_adapters import make_dora, make_ia3, make_lora, make_prefix, make_prompt
+from tests.test_qgemm import quantized_activations
 from tests.test_adapters_golden import engine_for, generate, greedy_request, prefill_logits
 
 CPU = torch.device("cpu")
 METHODS = ["int8-wo", "int4-wo"]
 KINDS = ["lora", "dora", "ia3", "prefix", "prompt"]
 FP32_BOUND = 1e-4  # logits of a tiny model (max |logit| ~ 5-10); fp32 summation order only
+# qgemm (activations int8 per block of 32) against the dequantized model, relative to max |logit|: measured on the
+# tiny random qwen2 (Zen 4, 2026-12-03): 0.023-0.033 (int8-wo) and 0.024-0.044 (int4-wo) over the six kinds (its
+# random weights and few layers make large activation outliers per block); the real model's is in
+# tests/test_gguf_grid.py
+QGEMM_REL = 0.06
 
 
-def test_int4_kernel_formula_is_q_minus_8_times_scale_plus_zero():
-    """The kernel's dequantization (read back through Int4Linear.weight) is (q - 8) * scale + zero per group."""
+@pytest.mark.parametrize("qgemm", ["1", "0"])
+def test_int4_formula_is_q_times_scale_plus_offset(monkeypatch, qgemm):
+    """The dequantization (read back through Int4Linear.weight: qgemm's fp32 values, or torch's int4 kernel on an
+    identity, which computes (q - 8) * scale + (offset + 8 scale)) is q * scale + offset per group."""
+    monkeypatch.setenv(QGEMM_ENV, qgemm)
     torch.manual_seed(0)
     n, k = 48, 96
     codes = torch.randint(0, 16, (n, k))
     scales, zeros = torch.rand(n, k // INT4_GROUP) + 0.1, torch.randn(n, k // INT4_GROUP)
     module = Int4Linear(codes, scales, zeros, None, torch.float32)
-    want = (codes.float() - 8) * scales.repeat_interleave(INT4_GROUP, 1) + zeros.repeat_interleave(INT4_GROUP, 1)
-    torch.testing.assert_close(module.weight, want, rtol=0, atol=1e-6)
+    want = codes.float() * scales.repeat_interleave(INT4_GROUP, 1) + zeros.repeat_interleave(INT4_GROUP, 1)
+    torch.testing.assert_close(module.weight, want, rtol=2**-22, atol=1e-6)  # fp32: the multiply-add rounds once
     x = torch.randn(3, 5, k)
-    torch.testing.assert_close(module(x), x @ want.t(), rtol=1e-5, atol=1e-5)
+    # qgemm quantizes x per block of 32 (tests/test_qgemm.py's reference); torch's int4 kernel does not
+    xq = x if module._kernel is None else quantized_activations(x.view(-1, k)).float().view_as(x)
+    torch.testing.assert_close(module(x), xq @ want.t(), rtol=1e-5, atol=1e-4)  # fp32 order; |y| up to ~30
 
 
 @pytest.mark.parametrize("cls,bound", [(Int8Linear, 0.5 / 127), (Int4Linear, 0.5 / 15)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_round_trip_and_forward(cls, bound, dtype):
-    """Quantization error within half a step of the grid (per channel / per group range), and the kernel's product
-    equals x @ weight^T in fp32 (to summation order) and in bf16 (to a few bf16 rounding steps)."""
+    """Quantization error within half a step of the grid (per block range), and the kernel's product equals
+    x @ weight^T in fp32 (to summation order; on qgemm with x quantized per block of 32 as the kernel does) and in
+    bf16 (to a few bf16 rounding steps)."""
     torch.manual_seed(1)
     weight, bias = torch.randn(64, 128), torch.randn(64)
     module = cls.quantize(weight, bias, dtype)
-    span = weight.abs().amax(1, keepdim=True) * 2 if cls is Int8Linear else 2 * weight.abs().max()
+    blocks = weight.abs().view(64, -1, INT4_GROUP).amax(-1).repeat_interleave(INT4_GROUP, 1)
+    span = blocks * 2 if cls is Int8Linear else 2 * weight.abs().max()
     assert ((module.weight.float() - weight).abs() <= bound * span * 1.01 + 2**-7 * weight.abs()).all()
     x = torch.randn(2, 3, 128, dtype=dtype)
-    want = x.float() @ module.weight.float().t() + module.bias.float()
+    xq = x.float() if module._kernel is None else quantized_activations(x.view(-1, 128)).float().view_as(x)
+    want = xq @ module.weight.float().t() + module.bias.float()
     tol = 1e-4 if dtype == torch.float32 else 2**-7 * want.abs().max().item()  # bf16: one rounding step of |y|
     torch.testing.assert_close(module(x).float(), want, rtol=0, atol=tol)
     assert module(x).dtype == dtype and module(x).shape == (2, 3, 64)
@@ -89,7 +103,9 @@ def setup(tiny_checkpoints, tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_fp32_logits_and_greedy_equal_the_dequantized_model_for_every_kind(setup, method):
+def test_fp32_logits_and_greedy_equal_the_dequantized_model_for_every_kind(monkeypatch, setup, method):
+    """On torch's kernels (ADAPTER_SERVER_QGEMM=0): no activation quantization, so fp32 is exact."""
+    monkeypatch.setenv(QGEMM_ENV, "0")
     base, store = setup
     quantized = load_model(base, dtype=torch.float32, quantization=method)
     assert is_weight_only(quantized.model.lm_head)  # the lm_head too
@@ -111,7 +127,31 @@ def test_fp32_logits_and_greedy_equal_the_dequantized_model_for_every_kind(setup
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_bf16_close_to_the_fp32_truth_for_every_kind(setup, method):
+def test_qgemm_logits_within_the_activation_quantization_bound_for_every_kind(setup, method):
+    """On qgemm (the default where it compiles) x is quantized to int8 per block of 32 before every GEMM, as in
+    llama.cpp: fp32 logits move from the dequantized model by QGEMM_REL of their largest magnitude (measured
+    below), greedy tokens may part at a near-tie; rows stay independent (batch invariance holds exactly)."""
+    base, store = setup
+    quantized = load_model(base, dtype=torch.float32, quantization=method)
+    if quantized.model.lm_head._kernel is None:
+        pytest.skip("qgemm is not compiled here")
+    dense = dequantized_model(quantized, base, torch.float32)
+    ours, theirs = (engine_for(m, store, max_adapter_slots=5) for m in (quantized, dense))
+    worst = 0.0
+    for name in [None, *KINDS]:
+        q_logits, d_logits = prefill_logits(ours, name), prefill_logits(theirs, name)
+        rel = float((q_logits - d_logits).abs().max() / d_logits.abs().max())
+        worst = max(worst, rel)
+        assert rel <= QGEMM_REL, (name, rel)
+    assert worst > 10 * FP32_BOUND  # the activations are quantized (not the torch path)
+    names = [None, *KINDS]
+    solo = [generate(engine_for(quantized, store, max_batch=1, max_adapter_slots=5), [greedy_request(n)])[0]
+            for n in names]
+    assert generate(engine_for(quantized, store, max_adapter_slots=5), [greedy_request(n) for n in names]) == solo
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_close_to_the_fp32_truth_for_every_kind(monkeypatch, setup, method):
     base, store = setup
     """bf16 against the fp32 truth (the same quantized model computed in fp32, itself equal to the dequantized
     model): within a few bf16 rounding steps, and never further than the dequantized model run densely in bf16
@@ -128,17 +168,25 @@ def test_bf16_close_to_the_fp32_truth_for_every_kind(setup, method):
         # kernels' scales to bf16 (weight_only), which the fp32 truth does not (measured: LoRA over int8-wo 0.66 off
         # against the dense bf16 run's 0.44, logits up to ~40).
         steps = 4 * 2**-8 * want.abs().max()
-        assert error <= max(steps, dense_error + 0.25), (name, float(error), float(dense_error), float(steps))
+        # on qgemm bf16 x quantizes to other int8 codes than fp32 x where a value sits near a rounding boundary:
+        # measured 0.83 against the dense run's 0.57 (LoRA over int8-wo), 1.40 against 0.57 (int4-wo base, |logit|
+        # up to ~19): each is within QGEMM_REL of the dense model, so up to QGEMM_REL more is allowed
+        flips = QGEMM_REL * want.abs().max() if quantized.model.lm_head._kernel is not None else 0.0
+        assert error <= max(steps, dense_error + 0.25) + flips, (name, float(error), float(dense_error), float(steps))
         assert (want - prefill_logits(truth, None)).abs().max() > 2 * error or name is None, name
 
 
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
-def test_lora_and_dora_merge_into_a_dense_copy_equal_unmerged(cls):
+@pytest.mark.parametrize("qgemm", ["0", "1"])
+def test_lora_and_dora_merge_into_a_dense_copy_equal_unmerged(monkeypatch, cls, qgemm):
     """merge.dense_linear of AdapterLinear.folded over a weight-only base (DoRA norms from the dequantized weight)
-    gives the unmerged adapter's output; the base module is left quantized."""
+    gives the unmerged adapter's output; the base module is left quantized. On qgemm the unmerged base quantizes
+    x per block of 32 and the dense merged copy does not: equal to that error (measured 0.015 on |y| ~ 1)."""
+    monkeypatch.setenv(QGEMM_ENV, qgemm)
     torch.manual_seed(2)
     i, o = 128, 64
     base = cls.quantize(torch.randn(o, i) * 0.1, torch.randn(o) * 0.1, torch.float32)
+    tol = 1e-5 if base._kernel is None else 0.03
     mapping = BatchMapping()
     layer = AdapterLinear(base, i, o, num_slots=2, max_rank=4, mapping=mapping, dtype=torch.float32, device=CPU)
     a, b = torch.randn(4, i) * 0.1, torch.randn(o, 4) * 0.1
@@ -152,7 +200,7 @@ def test_lora_and_dora_merge_into_a_dense_copy_equal_unmerged(cls):
         mapping.any_dora = slot == 2
         unmerged = layer(x)
         merged = dense_linear(*layer.folded(slot), CPU, 16)
-        torch.testing.assert_close(merged(x), unmerged, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(x), unmerged, rtol=tol, atol=tol)
         assert (unmerged - base(x)).abs().max() > 0.05
     assert layer.base is base and is_weight_only(layer.base)
 

@@ -11,6 +11,10 @@ at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, a
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor acc, at::Tensor other, at::Tensor weight, double eps);
 at::Tensor silu_mul_(at::Tensor gate, at::Tensor up);
+// qgemm_cpu.cpp
+std::tuple<at::Tensor, at::Tensor> qgemm_pack(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t bits);
+at::Tensor qgemm_unpack(at::Tensor packed, at::Tensor params, int64_t n, int64_t k, int64_t bits);
+at::Tensor qgemm(at::Tensor x, at::Tensor packed, at::Tensor params, int64_t n, int64_t bits);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_rows_", &add_lora_rows_, "per-row LoRA update of y in place (lora_cpu.cpp)");
@@ -18,4 +22,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, normalised in fp32 (norm_act_cpu.cpp)");
   m.def("add_rms_norm_", &add_rms_norm_, "acc += other in place, then RMSNorm of acc (norm_act_cpu.cpp)");
   m.def("silu_mul_", &silu_mul_, "gate = silu(gate) * up in place (norm_act_cpu.cpp)");
+  // qgemm_cpu.cpp
+  m.def("qgemm_pack", &qgemm_pack, "repack 4/8-bit codes in blocks of 32 for qgemm (qgemm_cpu.cpp)");
+  m.def("qgemm_unpack", &qgemm_unpack, "the fp32 weights qgemm multiplies by (qgemm_cpu.cpp)");
+  m.def("qgemm", &qgemm, "x @ W^T for block-quantized W, int8-quantized x (qgemm_cpu.cpp)");
 }
