@@ -117,8 +117,10 @@ class UnipeltAdapter(Adapter):
         configs = _union(config) or []
         kinds = _kinds(configs)
         if sorted(kinds) != ["bottleneck", "lora", "prefix_tuning"]:
-            raise AdapterError(f"{CONFIG_NAME} is an AdapterHub union of {kinds}: a union with LoRA or gates is "
-                               "served only as UniPELT (prefix_tuning + a bottleneck adapter + lora, each gated)")
+            gated = " with use_gating=true" if any(isinstance(c, dict) and c.get("use_gating") for c in configs) else ""
+            raise AdapterError(f"{CONFIG_NAME} is an AdapterHub union of {kinds}{gated}: of the unions only MAM "
+                               "(prefix_tuning + a bottleneck adapter) and UniPELT (prefix_tuning + a bottleneck adapter "
+                               "+ lora, each gated) are served; a union with LoRA or gates is served only as UniPELT")
         for kind, part in zip(kinds, configs):
             if part.get("use_gating") is not True:
                 raise AdapterError(f"{CONFIG_NAME} sets use_gating={part.get('use_gating')!r} on its {kind} part: "
