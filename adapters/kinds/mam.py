@@ -21,8 +21,8 @@ The prefix K/V are computed once here, in fp32, as the library's ``PrefixTuning.
 ``prompt_embeddings``; they are raw cache entries (no rotary embedding). Unlike PEFT's prefix, the library
 concatenates them inside attention after the prompt's RoPE, and the prompt's positions start at 0, not at P:
 ``prefix_shifts_positions`` is False, and the engine gives such rows rope positions = cache positions - P
-(``Request.rope_shift``). Refused (400, naming the option): a gated prefix (UniPELT's), ``leave_out`` on the prefix
-(a layer without prefix K/V), any other union.
+(``Request.rope_shift``). Refused (400, naming the option): ``leave_out`` on the prefix
+(a layer without prefix K/V), any other union (a gated one is UniPELT: adapters.kinds.unipelt).
 """
 from __future__ import annotations
 
@@ -88,8 +88,8 @@ class MamAdapter(Adapter):
     def check_config(cls, config: dict) -> None:
         prefix, bn = cls.parts(config)
         if any(c.get("use_gating") for c in _union(config)):
-            raise AdapterError(f"{CONFIG_NAME} sets use_gating=true in its union: gated (UniPELT) adapters are not "
-                               "served")
+            raise AdapterError(f"{CONFIG_NAME} sets use_gating=true in its union: a gated union is UniPELT "
+                               "(adapters.kinds.unipelt), not MAM")
         BottleneckAdapter.check_config(bn)
         check_prefix_config(prefix)
 
