@@ -235,3 +235,31 @@ def test_chunked_prefill_and_prefix_cache_hits_keep_the_reference(oracle):
         engine.generate(requests)
         assert [r.output_token_ids for r in requests] == [t["tokens"] for n in GATED for t in reference[n]]
     assert any(r.num_cached_prompt_tokens > 0 for r in requests)
+
+
+# ---- over HTTP ----
+
+def test_upload_serve_and_refusals_over_http(tiny_checkpoints, tmp_path):
+    """A UniPELT upload is kind unipelt and serves completions; a refused option is a 400 naming it, and so is a
+    composition holding UniPELT."""
+    import httpx
+
+    from tests.api_support import adapter_files, peft_lora, serve, upload
+
+    def parts(path: Path) -> list[tuple[str, bytes]]:
+        return [(p.name, p.read_bytes()) for p in sorted(path.iterdir()) if p.is_file()]
+
+    with serve(tiny_checkpoints["llama"], tmp_path / "store", max_lora_rank=16) as (server, _):
+        response = upload(server.url, "up", parts(unipelt_dir(tmp_path / "good")))
+        assert response.status_code == 201, response.text
+        assert response.json()["kind"] == "unipelt"
+        body = {"model": "up", "prompt": "hello", "max_tokens": 4, "temperature": 0}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        response = upload(server.url, "bad", parts(unipelt_dir(tmp_path / "bad", lora={"intermediate_lora": True})))
+        assert response.status_code == 400 and "intermediate_lora=True" in response.json()["error"]["message"]
+        lora = adapter_files(peft_lora(str(tiny_checkpoints["llama"])))
+        assert upload(server.url, "lora", list(lora.items())).status_code == 201
+        body = {"prompt": "hello", "max_tokens": 2, "adapters": ["lora", "up"]}
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 400 and "unipelt" in response.json()["error"]["message"], response.text
