@@ -263,3 +263,15 @@ def test_upload_serve_and_refusals_over_http(tiny_checkpoints, tmp_path):
         body = {"prompt": "hello", "max_tokens": 2, "adapters": ["lora", "up"]}
         response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 400 and "unipelt" in response.json()["error"]["message"], response.text
+
+
+def test_bench_bottleneck_writes_servable_unipelt(builtin_model_dir, tmp_path):
+    """loadtest.bench_bottleneck's UniPELT adapters load as what they say (gated prefix of 10, LoRA r 8 on q, v)."""
+    from adapters.peft_targets import BaseSpec
+    from loadtest.bench_bottleneck import write_unipelt
+    from transformers import AutoConfig
+
+    base = BaseSpec.from_hf_config(AutoConfig.from_pretrained(builtin_model_dir), "builtin")
+    adapter = load_adapter(write_unipelt(tmp_path / "u", Path(builtin_model_dir), 0), base, max_rank=64)
+    assert adapter.kind == "unipelt" and adapter.num_virtual_tokens == 10
+    assert {m for _, m in adapter.lora} == {"q_proj", "v_proj"} and len(adapter.prefix_gates) == base.num_layers
