@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model import cpu_ext
+from server.model.gate_layers import gated_prefix_attention
 
 if TYPE_CHECKING:
     from server.model.llama import StepInputs
@@ -86,6 +87,5 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     keys, values = cache.write_and_read(layer, step.block_tables, step.kv_index, k, v, step.kv_len)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
     if gate is not None:
-        from server.model.gate_layers import gated_prefix_attention
         out = gated_prefix_attention(out, q, keys, values, step.attn_mask, gate)
     return out.transpose(1, 2).reshape(b, t, heads * d)
