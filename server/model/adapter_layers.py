@@ -39,6 +39,7 @@ exact.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,7 @@ from server.model.bottleneck_layers import install_bottleneck_slots, uninstall_b
 from server.model.gate_layers import install_prefix_gates, uninstall_prefix_gates
 from server.model.quant import dequantized_weight
 
+_GATE_ALLOC_LOCK = threading.Lock()  # allocation of AdapterLinear's gate tensors (UniPELT), once per layer
 TARGET_MODULES = tuple(LINEAR_MODULES)  # the one list of adapter-capable modules (adapters.peft_targets)
 
 
@@ -180,11 +182,13 @@ class AdapterLinear(nn.Module):
     def set_gate(self, slot: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """UniPELT's LoRA gate, after `set_lora` of the same slot: weight [1, I], bias [1] (the library's
         ``gate`` Linear); the slot's LoRA term becomes sigmoid(x_t @ weight.T + bias) * B A x_t per token."""
-        if self.gate_weight is None:
-            like = self.ia3_in
-            self.gate_weight = torch.zeros(like.shape[0], 1, self.in_features, dtype=like.dtype, device=like.device)
-            self.gate_bias = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
-            self.gate_on = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        with _GATE_ALLOC_LOCK:  # slot threads write different slots of one layer at once (engine.adapter_pool)
+            if self.gate_on is None:  # gate_on, set last, marks the allocation done
+                like = self.ia3_in
+                self.gate_weight = torch.zeros(like.shape[0], 1, self.in_features, dtype=like.dtype,
+                                               device=like.device)
+                self.gate_bias = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
+                self.gate_on = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
         self.gate_weight[slot] = weight.reshape(1, self.in_features).to(self.gate_weight.dtype)
         self.gate_bias[slot] = bias.reshape(1).to(self.gate_bias.dtype)
         self.gate_on[slot] = True
