@@ -275,3 +275,48 @@ def test_bench_bottleneck_writes_servable_unipelt(builtin_model_dir, tmp_path):
     adapter = load_adapter(write_unipelt(tmp_path / "u", Path(builtin_model_dir), 0), base, max_rank=64)
     assert adapter.kind == "unipelt" and adapter.num_virtual_tokens == 10
     assert {m for _, m in adapter.lora} == {"q_proj", "v_proj"} and len(adapter.prefix_gates) == base.num_layers
+
+
+def test_slot_threads_writing_one_layer_at_once(tiny_checkpoints, tmp_path, monkeypatch):
+    """The adapter pool writes slots from several threads: the first gated slot allocates each layer's gate
+    tensors, and every thread's slot must end up written (a race left some None or overwritten: seen in
+    bench-bottleneck). Allocations are slowed down here so that an unlocked allocation loses the race."""
+    import threading
+    import time
+
+    from server.model.adapter_layers import install_adapter_layers, write_slot
+
+    model = load_model(tiny_checkpoints["llama"], dtype=torch.float32).model
+    _, layers = install_adapter_layers(model, num_slots=12, max_rank=16)
+    adapter = load_adapter(unipelt_dir(tmp_path / "u"), spec(), max_rank=16)
+    start = threading.Barrier(12)
+    errors = []
+    zeros = torch.zeros
+
+    def slow_zeros(*args, **kwargs):
+        out = zeros(*args, **kwargs)
+        time.sleep(0.002)
+        return out
+
+    monkeypatch.setattr(torch, "zeros", slow_zeros)
+
+    def write(slot: int) -> None:
+        start.wait()
+        try:
+            write_slot(layers, slot, adapter)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(s,)) for s in range(1, 13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    assert not errors, errors
+    for (layer, module), (_, _, weight, _) in adapter.lora.items():
+        linear = layers[(layer, module)]
+        assert linear.gate_slots == set(range(1, 13)) and bool(linear.gate_on[1:].all())
+        torch.testing.assert_close(linear.gate_weight[1:, 0], weight.expand(12, -1))
+    for gates in layers.prefix_gate.values():
+        assert gates.slots == set(range(1, 13)) and bool((gates.prefix_len[1:] == P).all())

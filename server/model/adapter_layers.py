@@ -51,7 +51,10 @@ from server.model.bottleneck_layers import install_bottleneck_slots, uninstall_b
 from server.model.gate_layers import install_prefix_gates, uninstall_prefix_gates
 from server.model.quant import dequantized_weight
 
-_GATE_ALLOC_LOCK = threading.Lock()  # allocation of AdapterLinear's gate tensors (UniPELT), once per layer
+# Lazy allocations of AdapterLinear's per-kind tensors (DoRA, bias terms, UniPELT gates): slot threads write
+# different slots of one layer at once (server.engine.adapter_pool), and an unlocked check-then-allocate let one
+# thread overwrite another's tensor or see a half-made state (measured: bench-bottleneck's 32 UniPELTs).
+_ALLOC_LOCK = threading.Lock()
 TARGET_MODULES = tuple(LINEAR_MODULES)  # the one list of adapter-capable modules (adapters.peft_targets)
 
 
@@ -182,7 +185,7 @@ class AdapterLinear(nn.Module):
     def set_gate(self, slot: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """UniPELT's LoRA gate, after `set_lora` of the same slot: weight [1, I], bias [1] (the library's
         ``gate`` Linear); the slot's LoRA term becomes sigmoid(x_t @ weight.T + bias) * B A x_t per token."""
-        with _GATE_ALLOC_LOCK:  # slot threads write different slots of one layer at once (engine.adapter_pool)
+        with _ALLOC_LOCK:  # slot threads write different slots of one layer at once (engine.adapter_pool)
             if self.gate_on is None:  # gate_on, set last, marks the allocation done
                 like = self.ia3_in
                 self.gate_weight = torch.zeros(like.shape[0], 1, self.in_features, dtype=like.dtype,
@@ -217,11 +220,12 @@ class AdapterLinear(nn.Module):
     def set_dora(self, slot: int, magnitude: torch.Tensor) -> None:
         """DoRA magnitude m [O], after `set_lora` of the same slot: stores g = m / ||W + s B A|| (per output
         row, L2 over the input axis; W dequantized from a bitsandbytes base), computed in fp32 once here."""
-        if self.dora_scale is None:
-            shape, like = self.ia3_out.shape, self.ia3_out
-            self.dora_scale = torch.ones(shape, dtype=like.dtype, device=like.device)
-            if getattr(self.base, "bias", None) is not None:
-                self.dora_shift = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        with _ALLOC_LOCK:  # dora_scale, set last, marks the allocation done
+            if self.dora_scale is None:
+                shape, like = self.ia3_out.shape, self.ia3_out
+                if getattr(self.base, "bias", None) is not None:
+                    self.dora_shift = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                self.dora_scale = torch.ones(shape, dtype=like.dtype, device=like.device)
         r = self.lora_ranks[slot]
         weight = dequantized_weight(self.base, torch.float32)
         delta = self.lora_b[slot, :r].t().float() @ self.lora_a[slot, :r].float()  # [O, I], scaling folded
@@ -244,8 +248,9 @@ class AdapterLinear(nn.Module):
             if base is None:
                 raise ValueError("a trained base bias for a linear without a bias")
             delta += new_bias.to(delta.device, torch.float32) - base.detach().float()
-        if self.bias_delta is None:
-            self.bias_delta = torch.zeros_like(self.ia3_out)
+        with _ALLOC_LOCK:
+            if self.bias_delta is None:
+                self.bias_delta = torch.zeros_like(self.ia3_out)
         self.bias_delta[slot] = delta.to(self.bias_delta.dtype)
         self.bias_slots.add(slot)
 
