@@ -23,6 +23,7 @@ import torch
 from adapters.kinds import (KINDS, Adapter, BottleneckAdapter, DoraAdapter, Ia3Adapter, LoraAdapter, LoraWeights, PrefixAdapter,
                             PromptAdapter)
 from adapters.kinds.mam import MamAdapter
+from adapters.kinds.unipelt import UnipeltAdapter
 from adapters.peft_files import (CONFIG_NAME, PICKLE_SUFFIXES, WEIGHTS_NAME, AdapterError, check_base_name,
                                  check_files, is_set, open_weights, read_config)
 from adapters.peft_targets import LINEAR_MODULES, BaseSpec
@@ -62,6 +63,9 @@ _REFUSED_IF_SET = {
 
 def kind_of(config: dict) -> type[Adapter]:
     """The adapter class for a parsed ``adapter_config.json``, after every base-independent check."""
+    if UnipeltAdapter.matches(config):  # an AdapterHub union with LoRA or gates (UniPELT)
+        UnipeltAdapter.check_config(config)
+        return UnipeltAdapter
     if MamAdapter.matches(config):  # an AdapterHub union (MAM: prefix tuning + a bottleneck adapter)
         MamAdapter.check_config(config)
         return MamAdapter

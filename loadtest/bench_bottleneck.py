@@ -8,11 +8,14 @@ order rotated per round; a ratio is the median over rounds of base time / varian
 - lora: r=16 on q, k, v, o (PEFT format, bench_adapters' factory);
 - houlsby: AdapterHub double_seq_bn, reduction 16 (width 48), swish, after attention and after the MLP;
 - pfeiffer: seq_bn, reduction 16, relu, after the MLP;
-- parallel: par_bn, reduction 16, relu, scaling 4, after the MLP.
+- parallel: par_bn, reduction 16, relu, scaling 4, after the MLP;
+- unipelt: AdapterHub UniPELT (adapters.kinds.unipelt): a gated flat prefix of 10, a gated seq_bn (reduction 16)
+  and gated LoRA r 8 on q and v; its rows' attention runs in torch (the decode kernel has no gate).
 
 Bottleneck weights are random (the cost does not depend on them), written in the library's save format.
 
     python -m loadtest.bench_bottleneck [--batch 32] [--new-tokens 16] [--rounds 3] [--dtype float32]
+                                        [--variants base,lora,houlsby,pfeiffer,parallel,unipelt]
 """
 from __future__ import annotations
 
@@ -69,6 +72,44 @@ def write_bottleneck(out: Path, model_dir: Path, variant: str, seed: int) -> Pat
     return out
 
 
+def write_unipelt(out: Path, model_dir: Path, seed: int, prefix_length: int = 10, r: int = 8) -> Path:
+    """One UniPELT dir as ``adapterctl convert`` leaves the library's save (flat prefix), random weights."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hidden, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
+    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = hidden // heads
+    bn = {"reduction_factor": REDUCTION, "ln_before": False, "ln_after": False, "residual_before_ln": True,
+          "original_ln_after": True, **VARIANTS["pfeiffer"], "use_gating": True}
+    prefix = {"architecture": "prefix_tuning", "flat": True, "prefix_length": prefix_length, "use_gating": True,
+              "shared_gating": True}
+    lora = {"architecture": "lora", "r": r, "alpha": 2, "attn_matrices": ["q", "v"], "use_gating": True}
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    flat = rand(prefix_length * layers * 2 * kv_heads * head_dim)
+    tensors = {"model.prefix_tuning.prefix_tunings.u.self_prefix.control_trans": flat}
+    width = hidden // REDUCTION
+    for i in range(layers):
+        tensors[f"model.layers.{i}.self_attn.prefix_tuning.pool.prefix_tunings.u.self_prefix.control_trans"] = flat
+        tensors[f"model.layers.{i}.self_attn.prefix_tuning.prefix_gates.u.weight"] = rand(1, hidden)
+        tensors[f"model.layers.{i}.self_attn.prefix_tuning.prefix_gates.u.bias"] = rand(1)
+        key = f"model.layers.{i}.output_adapters.adapters.u"
+        for name, shape in (("adapter_down.0.weight", (width, hidden)), ("adapter_down.0.bias", (width,)),
+                            ("adapter_up.weight", (hidden, width)), ("adapter_up.bias", (hidden,)),
+                            ("gate.weight", (1, hidden)), ("gate.bias", (1,))):
+            tensors[f"{key}.{name}"] = rand(*shape)
+        for module, out_features in (("q_proj", heads * head_dim), ("v_proj", kv_heads * head_dim)):
+            key = f"model.layers.{i}.self_attn.{module}.loras.u"
+            for name, shape in (("lora_A", (r, hidden)), ("lora_B", (out_features, r)), ("gate.weight", (1, hidden)),
+                                ("gate.bias", (1,))):
+                tensors[f"{key}.{name}"] = rand(*shape)
+    out.mkdir(parents=True)
+    (out / "adapter_config.json").write_text(json.dumps({
+        "config": {"architecture": "union", "configs": [prefix, bn, lora]}, "hidden_size": hidden,
+        "model_class": "LlamaForCausalLM", "model_type": cfg["model_type"], "name": "u", "version": "adapters.1.3.0"}))
+    save_file({k: v.clone() for k, v in tensors.items()}, str(out / "adapter.safetensors"))
+    return out
+
+
 class Timed:
     """bench_adapters.TimedEngine's `seconds` on an engine whose slots fit the bottleneck width (48)."""
 
@@ -95,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--variants", default="base,lora,houlsby,pfeiffer,parallel,unipelt",
+                   help="comma-separated subset of base,lora,houlsby,pfeiffer,parallel,unipelt")
     args = p.parse_args(argv)
     like_the_server(_run, args)
 
@@ -106,15 +149,19 @@ def _run(args) -> None:
         model_dir = make_model_dir(root / "model")
         store = AdapterStore(root / "store")
         factory = AdapterFactory(model_dir, root / "peft", rank=16, prefix_tokens=16, seed=1)
+        wanted = args.variants.split(",")
         variants: dict[str, list[str | None]] = {"base": [None] * args.batch, "lora": []}
         for i in range(args.batch):
             store.add(f"lora-{i}", factory.get("lora", i).path)
             variants["lora"].append(f"lora-{i}")
-        for variant in VARIANTS:
+        for variant in [*VARIANTS, "unipelt"]:
             variants[variant] = []
-            for i in range(args.batch):
-                store.add(f"{variant}-{i}", write_bottleneck(root / "hub" / f"{variant}-{i}", model_dir, variant, i))
+            for i in range(args.batch if variant in wanted else 0):
+                write = (lambda out: write_unipelt(out, model_dir, i)) if variant == "unipelt" else (
+                    lambda out: write_bottleneck(out, model_dir, variant, i))
+                store.add(f"{variant}-{i}", write(root / "hub" / f"{variant}-{i}"))
                 variants[variant].append(f"{variant}-{i}")
+        variants = {n: v for n, v in variants.items() if n in wanted or n in ("base", "lora")}
         loaded = load_model(model_dir, dtype=dtype)
         hidden = json.loads((model_dir / "config.json").read_text())["hidden_size"]
         timed = Timed(loaded, store, args.batch, args.new_tokens, max(16, hidden // REDUCTION))

@@ -6,7 +6,8 @@ Like scripts/adapterhub_oracle.py it must run outside the repository root (our p
     python adapterhub_logits.py SPEC.json OUT.json
 
 SPEC: {"base": DIR (a Hugging Face checkpoint), "quantization": "none" | "nf4", "prompts": [[ids...], ...],
-       "adapters": [DIR, ...] (AdapterHub dirs: adapter_config.json + adapter.safetensors), "new_tokens": n (0)}
+       "adapters": [DIR, ...] (AdapterHub dirs: adapter_config.json + adapter.safetensors), "new_tokens": n (0),
+       "gate": null | "token" (UniPELT's gates per token: adapterhub_oracle.per_token_gates, copied beside this file)}
 OUT: {"base": [[V logits of the last prompt token] per prompt], DIR: [...] per adapter}, fp32, by full
 recomputation (``use_cache=False``) with eager attention; with new_tokens, also {"tokens": {"base" | DIR: [[n greedy
 tokens] per prompt]}}, each step recomputed in full. "nf4" loads the base through bitsandbytes (4-bit NF4
@@ -47,6 +48,10 @@ def main() -> None:
             ids.append(tokens[-1])
         return tokens
 
+    if spec.get("gate") == "token":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # python -I leaves the script's dir off sys.path
+        from adapterhub_oracle import per_token_gates
+        per_token_gates().__enter__()  # for the whole run: this process only computes these references
     n = int(spec.get("new_tokens", 0))
     out, tokens = {"base": logits()}, {}
     if n:

@@ -86,17 +86,19 @@ def library_has(module: str) -> bool:
 
 
 def library_logits(base: Path, adapter_dirs: list[Path], prompts: list[list[int]], work: Path,
-                   quantization: str = "none", new_tokens: int = 0) -> dict:
+                   quantization: str = "none", new_tokens: int = 0, gate: str | None = None) -> dict:
     """The library's last-prompt-token logits for ``base`` and each saved adapter dir (scripts/adapterhub_logits.py,
     not cached: the adapters are made by the test): {"base": [[V] per prompt], str(dir): [...]}, and with
-    ``new_tokens`` {"tokens": {"base" | str(dir): [[greedy tokens] per prompt]}} (full recomputation)."""
+    ``new_tokens`` {"tokens": {"base" | str(dir): [[greedy tokens] per prompt]}} (full recomputation). ``gate="token"``:
+    UniPELT's gates per token (the oracle script's ``per_token_gates``, the server's semantics)."""
     python = oracle_python()
     assert python is not None, SKIP_REASON
     work.mkdir(parents=True, exist_ok=True)
     script = work / LOGITS_SCRIPT.name
     shutil.copy(LOGITS_SCRIPT, script)
+    shutil.copy(SCRIPT, work / SCRIPT.name)  # per_token_gates, imported by the logits script with gate="token"
     spec = {"base": str(base), "quantization": quantization, "prompts": prompts,
-            "adapters": [str(d) for d in adapter_dirs], "new_tokens": new_tokens}
+            "adapters": [str(d) for d in adapter_dirs], "new_tokens": new_tokens, "gate": gate}
     (work / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

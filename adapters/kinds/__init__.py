@@ -9,10 +9,11 @@ from adapters.kinds.lora import LoraAdapter, LoraWeights
 from adapters.kinds.mam import MamAdapter
 from adapters.kinds.prefix import PrefixAdapter
 from adapters.kinds.prompt import PromptAdapter
+from adapters.kinds.unipelt import UnipeltAdapter
 
 KINDS: tuple[type[Adapter], ...] = (LoraAdapter, DoraAdapter, Ia3Adapter, PrefixAdapter, PromptAdapter,
-                                    BottleneckAdapter, MamAdapter)
+                                    BottleneckAdapter, MamAdapter, UnipeltAdapter)
 KIND_BY_NAME: dict[str, type[Adapter]] = {k.kind: k for k in KINDS}
 
 __all__ = ["Adapter", "BottleneckAdapter", "DoraAdapter", "Ia3Adapter", "KINDS", "KIND_BY_NAME", "LoraAdapter", "LoraWeights",
-           "MamAdapter", "PrefixAdapter", "PromptAdapter"]
+           "MamAdapter", "PrefixAdapter", "PromptAdapter", "UnipeltAdapter"]

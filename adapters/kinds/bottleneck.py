@@ -54,7 +54,7 @@ _REQUIRED = {
     "phm_layer": (False, "PHM (Compacter) layers are not served"),
     "inv_adapter": (None, "invertible adapters change the embeddings and are not served"),
     "cross_adapter": (False, "cross-attention adapters need an encoder-decoder model"),
-    "use_gating": (False, "gated bottleneck adapters (UniPELT's) are not served"),
+    "use_gating": (False, "a gated bottleneck is served only inside UniPELT (adapters.kinds.unipelt)"),
     "original_ln_after": (True, "original_ln_after=false drops the block's residual; not served"),
     "residual_before_ln": (True, "residual orders other than the library's default (true) are not served"),
 }

@@ -21,8 +21,8 @@ The prefix K/V are computed once here, in fp32, as the library's ``PrefixTuning.
 ``prompt_embeddings``; they are raw cache entries (no rotary embedding). Unlike PEFT's prefix, the library
 concatenates them inside attention after the prompt's RoPE, and the prompt's positions start at 0, not at P:
 ``prefix_shifts_positions`` is False, and the engine gives such rows rope positions = cache positions - P
-(``Request.rope_shift``). Refused (400, naming the option): a gated prefix (UniPELT's), ``leave_out`` on the prefix
-(a layer without prefix K/V), any other union.
+(``Request.rope_shift``). Refused (400, naming the option): ``leave_out`` on the prefix
+(a layer without prefix K/V), any other union (a gated one is UniPELT: adapters.kinds.unipelt).
 """
 from __future__ import annotations
 
@@ -88,24 +88,10 @@ class MamAdapter(Adapter):
     def check_config(cls, config: dict) -> None:
         prefix, bn = cls.parts(config)
         if any(c.get("use_gating") for c in _union(config)):
-            raise AdapterError(f"{CONFIG_NAME} sets use_gating=true in its union: gated (UniPELT) adapters are not "
-                               "served")
+            raise AdapterError(f"{CONFIG_NAME} sets use_gating=true in its union: a gated union is UniPELT "
+                               "(adapters.kinds.unipelt), not MAM")
         BottleneckAdapter.check_config(bn)
-        unknown = sorted(set(prefix) - _PREFIX_KNOWN)
-        if unknown:
-            raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning option {unknown[0]}={prefix[unknown[0]]!r}, "
-                               "which this server does not know and so cannot serve exactly")
-        if prefix.get("leave_out"):
-            raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning option leave_out={prefix['leave_out']!r}: "
-                               "a prefix on only some layers is not served")
-        for key in ("prefix_length",) + (() if prefix.get("flat") else ("bottleneck_size",)):
-            value = prefix.get(key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise AdapterError(f"{CONFIG_NAME} prefix-tuning field {key} must be a positive integer, got {value!r}")
-        act = prefix.get("non_linearity", "tanh")
-        if not prefix.get("flat") and (not isinstance(act, str) or act.lower() not in ACTIVATIONS):
-            raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning non_linearity={act!r}; served are "
-                               f"{', '.join(ACTIVATIONS)}")
+        check_prefix_config(prefix)
 
     @classmethod
     def virtual_tokens(cls, config: dict) -> int:
@@ -194,3 +180,23 @@ class MamAdapter(Adapter):
 
     def prefix_kv(self) -> torch.Tensor | None:
         return self.prefix
+
+
+
+def check_prefix_config(prefix: dict) -> None:
+    """The checks of an AdapterHub ``PrefixTuningConfig`` inside a union (MAM's, UniPELT's), 400 naming the field."""
+    unknown = sorted(set(prefix) - _PREFIX_KNOWN)
+    if unknown:
+        raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning option {unknown[0]}={prefix[unknown[0]]!r}, "
+                           "which this server does not know and so cannot serve exactly")
+    if prefix.get("leave_out"):
+        raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning option leave_out={prefix['leave_out']!r}: "
+                           "a prefix on only some layers is not served")
+    for key in ("prefix_length",) + (() if prefix.get("flat") else ("bottleneck_size",)):
+        value = prefix.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise AdapterError(f"{CONFIG_NAME} prefix-tuning field {key} must be a positive integer, got {value!r}")
+    act = prefix.get("non_linearity", "tanh")
+    if not prefix.get("flat") and (not isinstance(act, str) or act.lower() not in ACTIVATIONS):
+        raise AdapterError(f"{CONFIG_NAME} sets the prefix-tuning non_linearity={act!r}; served are "
+                           f"{', '.join(ACTIVATIONS)}")

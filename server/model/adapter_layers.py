@@ -12,6 +12,9 @@ by `AdapterLinear`, which holds, for slots 0..S (slot 0 = identity):
 - bias_delta [S+1, O]: an additive bias (LoRA's ``lora_bias`` s * b_B, times g under DoRA, plus
   b_new - b for a trained base bias, PEFT ``bias="all"/"lora_only"``), allocated at the first slot
   that has one; added last, only when a present slot has one.
+- gate_weight [S+1, 1, I], gate_bias [S+1, 1], gate_on [S+1]: UniPELT's gated LoRA (adapters.kinds.unipelt),
+  allocated at the first gated slot: the LoRA term reads x * sigmoid(gate(x)) per token instead of x (the
+  gate is a per-token scalar, so B A (g x) = g B A x exactly: the row kernels are unchanged).
 
 Slots are written only through the layer's methods (`clear`, `set_lora`, `set_ia3`,
 `set_dora`, `set_bias`); `folded` gives a slot's adapter folded into the base weight (merge).
@@ -36,16 +39,22 @@ exact.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from adapters.peft_targets import LINEAR_MODULES
-from server.model.adapter_ops import add_lora, row_scale
+from server.model.adapter_ops import add_lora, row_scale, token_gate
 from server.model.bottleneck_layers import install_bottleneck_slots, uninstall_bottleneck_slots
+from server.model.gate_layers import install_prefix_gates, uninstall_prefix_gates
 from server.model.quant import dequantized_weight
 
+# Lazy allocations of AdapterLinear's per-kind tensors (DoRA, bias terms, UniPELT gates): slot threads write
+# different slots of one layer at once (server.engine.adapter_pool), and an unlocked check-then-allocate let one
+# thread overwrite another's tensor or see a half-made state (measured: bench-bottleneck's 32 UniPELTs).
+_ALLOC_LOCK = threading.Lock()
 TARGET_MODULES = tuple(LINEAR_MODULES)  # the one list of adapter-capable modules (adapters.peft_targets)
 
 
@@ -100,6 +109,10 @@ class AdapterLinear(nn.Module):
         self.dora_slots: set[int] = set()
         self.bias_delta: torch.Tensor | None = None  # [S+1, O], at the first slot with a bias term
         self.bias_slots: set[int] = set()
+        self.gate_weight: torch.Tensor | None = None  # [S+1, 1, I], at the first gated LoRA slot (UniPELT)
+        self.gate_bias: torch.Tensor | None = None  # [S+1, 1]
+        self.gate_on: torch.Tensor | None = None  # [S+1] bool
+        self.gate_slots: set[int] = set()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [N, T, I]
         m = self.mapping
@@ -117,7 +130,10 @@ class AdapterLinear(nn.Module):
             y = y.index_copy(0, rows, self.base(x_in.index_select(0, rows)).to(y.dtype))
         rank = max(self.lora_ranks[s] for s in present) if m.any_lora else 0
         if rank:
-            y = add_lora(y, x_in, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
+            x_lora = x_in
+            if self.gate_slots and not self.gate_slots.isdisjoint(present):  # UniPELT: g_t B A x_t = B A (g_t x_t)
+                x_lora = x_in * token_gate(x_in, self.gate_weight, self.gate_bias, slots, self.gate_on, m.uniform_slot)
+            y = add_lora(y, x_lora, self.lora_a, self.lora_b, slots, rank, m.uniform_slot, self.lora_rank)
         if m.any_dora and not self.dora_slots.isdisjoint(present):
             y = row_scale(y, self.dora_scale, slots)  # g (W x + b + s B A x)
             if self.dora_shift is not None:  # + b (1 - g); zero (exactly) for non-DoRA rows
@@ -139,7 +155,7 @@ class AdapterLinear(nn.Module):
         rank-R slot (40 MB at R = 64 on the default model)."""
         rank = self.lora_ranks[slot]
         if not rank and slot not in self.ia3_out_slots and slot not in self.ia3_in_slots \
-                and slot not in self.dora_slots and slot not in self.bias_slots:
+                and slot not in self.dora_slots and slot not in self.bias_slots and slot not in self.gate_slots:
             return  # already the identity (a layer the slot's adapter did not touch): no tensor writes
         if rank:
             self.lora_a[slot, :rank].zero_()
@@ -160,6 +176,26 @@ class AdapterLinear(nn.Module):
         if self.bias_delta is not None:
             self.bias_delta[slot].zero_()
         self.bias_slots.discard(slot)
+        if slot in self.gate_slots:
+            self.gate_weight[slot].zero_()
+            self.gate_bias[slot].zero_()
+            self.gate_on[slot] = False
+            self.gate_slots.discard(slot)
+
+    def set_gate(self, slot: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """UniPELT's LoRA gate, after `set_lora` of the same slot: weight [1, I], bias [1] (the library's
+        ``gate`` Linear); the slot's LoRA term becomes sigmoid(x_t @ weight.T + bias) * B A x_t per token."""
+        with _ALLOC_LOCK:  # slot threads write different slots of one layer at once (engine.adapter_pool)
+            if self.gate_on is None:  # gate_on, set last, marks the allocation done
+                like = self.ia3_in
+                self.gate_weight = torch.zeros(like.shape[0], 1, self.in_features, dtype=like.dtype,
+                                               device=like.device)
+                self.gate_bias = torch.zeros(like.shape[0], 1, dtype=like.dtype, device=like.device)
+                self.gate_on = torch.zeros(like.shape[0], dtype=torch.bool, device=like.device)
+        self.gate_weight[slot] = weight.reshape(1, self.in_features).to(self.gate_weight.dtype)
+        self.gate_bias[slot] = bias.reshape(1).to(self.gate_bias.dtype)
+        self.gate_on[slot] = True
+        self.gate_slots.add(slot)
 
     def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """LoRA of PEFT's shapes: a [r, I], b [O, r]; the slot holds A and (scaling * B)^T."""
@@ -184,11 +220,12 @@ class AdapterLinear(nn.Module):
     def set_dora(self, slot: int, magnitude: torch.Tensor) -> None:
         """DoRA magnitude m [O], after `set_lora` of the same slot: stores g = m / ||W + s B A|| (per output
         row, L2 over the input axis; W dequantized from a bitsandbytes base), computed in fp32 once here."""
-        if self.dora_scale is None:
-            shape, like = self.ia3_out.shape, self.ia3_out
-            self.dora_scale = torch.ones(shape, dtype=like.dtype, device=like.device)
-            if getattr(self.base, "bias", None) is not None:
-                self.dora_shift = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        with _ALLOC_LOCK:  # dora_scale, set last, marks the allocation done
+            if self.dora_scale is None:
+                shape, like = self.ia3_out.shape, self.ia3_out
+                if getattr(self.base, "bias", None) is not None:
+                    self.dora_shift = torch.zeros(shape, dtype=like.dtype, device=like.device)
+                self.dora_scale = torch.ones(shape, dtype=like.dtype, device=like.device)
         r = self.lora_ranks[slot]
         weight = dequantized_weight(self.base, torch.float32)
         delta = self.lora_b[slot, :r].t().float() @ self.lora_a[slot, :r].float()  # [O, I], scaling folded
@@ -211,8 +248,9 @@ class AdapterLinear(nn.Module):
             if base is None:
                 raise ValueError("a trained base bias for a linear without a bias")
             delta += new_bias.to(delta.device, torch.float32) - base.detach().float()
-        if self.bias_delta is None:
-            self.bias_delta = torch.zeros_like(self.ia3_out)
+        with _ALLOC_LOCK:
+            if self.bias_delta is None:
+                self.bias_delta = torch.zeros_like(self.ia3_out)
         self.bias_delta[slot] = delta.to(self.bias_delta.dtype)
         self.bias_slots.add(slot)
 
@@ -233,6 +271,8 @@ class AdapterLinear(nn.Module):
         merge: exact). A bias term: b + bias_delta (a bias of its own where the base has none). In one
         slot, in the forward's order: l_out * (g (W + B^T A) diag(l_in)), l_out * (b + bias_delta).
         """
+        if slot in self.gate_slots:
+            raise ValueError("a gated LoRA (UniPELT) depends on each token's input and cannot be folded into W")
         rank = self.lora_ranks[slot]
         scales_in, scales_out = slot in self.ia3_in_slots, slot in self.ia3_out_slots
         biased = slot in self.bias_slots
@@ -288,7 +328,8 @@ def install_adapter_layers(model: nn.Module, num_slots: int, max_rank: int) -> t
                                         dtype, device)
                 setattr(parent, name, wrapped)
                 layers[(i, name)] = wrapped
-    return mapping, AdapterLayers(layers, bottleneck=install_bottleneck_slots(model, num_slots, max_rank, mapping))
+    return mapping, AdapterLayers(layers, bottleneck=install_bottleneck_slots(model, num_slots, max_rank, mapping),
+                                  prefix_gate=install_prefix_gates(model, num_slots, mapping))
 
 
 def uninstall_adapter_layers(model: nn.Module) -> None:
@@ -299,16 +340,19 @@ def uninstall_adapter_layers(model: nn.Module) -> None:
                 if isinstance(child, AdapterLinear):
                     setattr(parent, name, child.base)
     uninstall_bottleneck_slots(model)
+    uninstall_prefix_gates(model)
     model.adapter_install = None
 
 
 class AdapterLayers(dict):
     """{(layer, module): AdapterLinear}, the state adapters write into, plus ``bottleneck`` {layer index:
-    BottleneckSlots} (server.model.bottleneck_layers), which hold per-layer rather than per-linear state."""
+    BottleneckSlots} (server.model.bottleneck_layers) and ``prefix_gate`` {layer index: PrefixGateSlots}
+    (server.model.gate_layers), which hold per-layer rather than per-linear state."""
 
-    def __init__(self, linears: dict, bottleneck: dict | None = None):
+    def __init__(self, linears: dict, bottleneck: dict | None = None, prefix_gate: dict | None = None):
         super().__init__(linears)
         self.bottleneck = dict(bottleneck or {})
+        self.prefix_gate = dict(prefix_gate or {})
 
 
 def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
@@ -317,6 +361,8 @@ def clear_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int) -> None:
         layer.clear(slot)
     for block in getattr(layers, "bottleneck", {}).values():
         block.clear(slot)
+    for gate in getattr(layers, "prefix_gate", {}).values():
+        gate.clear(slot)
 
 
 def write_slot(layers: dict[tuple[int, str], AdapterLinear], slot: int, adapter) -> None:

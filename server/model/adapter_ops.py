@@ -77,3 +77,20 @@ def row_scale(y: torch.Tensor, scales: torch.Tensor, slot_of_row: torch.Tensor) 
     if y.is_cuda and _triton_ops():
         return _triton_ops().row_scale(y, scales, slot_of_row)
     return y * scales.index_select(0, slot_of_row)[:, None, :]
+
+
+def token_gate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, slot_of_row: torch.Tensor,
+               gated: torch.Tensor, uniform_slot: int | None = None) -> torch.Tensor:
+    """UniPELT's gate per token (adapters.kinds.unipelt): ``sigmoid(x_t @ weight[s].T + bias[s])``.
+
+    x [N, T, I], weight [S, G, I], bias [S, G], gated [S] bool (the slots that hold a gate here) -> [N, T, G];
+    rows whose slot holds no gate get exactly 1, so multiplying by the result leaves them bit for bit unchanged.
+    """
+    if uniform_slot is not None or slot_of_row.numel() == 1:
+        s = int(slot_of_row[0]) if uniform_slot is None else uniform_slot
+        if not bool(gated[s]):
+            return torch.ones(*x.shape[:2], weight.shape[1], dtype=x.dtype, device=x.device)
+        return torch.sigmoid(torch.nn.functional.linear(x, weight[s], bias[s]))
+    g = torch.sigmoid(torch.baddbmm(bias.index_select(0, slot_of_row)[:, None, :], x,
+                                    weight.index_select(0, slot_of_row).transpose(1, 2)))  # [N, T, G]
+    return torch.where(gated.index_select(0, slot_of_row)[:, None, None], g, torch.ones_like(g))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from server.model import cpu_ext
+from server.model.gate_layers import gated_prefix_attention
 
 if TYPE_CHECKING:
     from server.model.llama import StepInputs
@@ -69,11 +70,13 @@ def decode_attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           step: "StepInputs", sliding_window: int | None) -> torch.Tensor:
+           step: "StepInputs", sliding_window: int | None, gate=None) -> torch.Tensor:
     """q [B, H, T, D], k/v [B, Hkv, T, D] (before rope) of the rows step.rows, cos/sin [B, 1, T, D] of their
-    rope positions -> [B, T, H*D]. (A decode step of the model goes through `decode_attend` first.)"""
+    rope positions -> [B, T, H*D]. (A decode step of the model goes through `decode_attend` first.)
+    gate: (g [B, T, 2], prefix_len [B]) when a row has UniPELT's gated prefix (server.model.gate_layers): the
+    torch path, then those rows recomputed with their gates."""
     b, heads, t, d = q.shape
-    if t == 1:
+    if t == 1 and gate is None:
         hkv = k.shape[1]
         out = decode_attend(layer, q.transpose(1, 2).reshape(b, 1, heads * d), k.transpose(1, 2).reshape(b, 1, hkv * d),
                             v.transpose(1, 2).reshape(b, 1, hkv * d), cos, sin, step, sliding_window, hkv)
@@ -83,4 +86,6 @@ def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: t
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys, values = cache.write_and_read(layer, step.block_tables, step.kv_index, k, v, step.kv_len)  # [B, Hkv, L, D]
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.attn_mask, enable_gqa=True)
+    if gate is not None:
+        out = gated_prefix_attention(out, q, keys, values, step.attn_mask, gate)
     return out.transpose(1, 2).reshape(b, t, heads * d)

@@ -35,6 +35,12 @@ Llama): `make bench-bottleneck` measured houlsby at x0.11 of base, and torch.pro
 step in those index_selects (fp32, Zen 4, 2 cores under load). Rows of several tokens (a padded prefill)
 keep the gather and two baddbmm: N requests, not N tokens, are gathered there.
 
+UniPELT's gated bottleneck (adapters.kinds.unipelt) adds, per place, gate_weight [S+1, 1, H], gate_bias [S+1, 1]
+and gate_on [S+1] (allocated at the first gated slot): the adapter's term is multiplied per token by
+g_t = sigmoid(gate(x_t)) of the adapter's own input x, the library's ``Adapter.forward`` with the server's per-token
+gate: out = r + s + g_t * scaling * f(x_t). Applied as (g z) U + g b_up, so the row kernel is unchanged; rows
+without a gate get g = 1 exactly.
+
 The tensors are allocated at the first bottleneck slot written into the layer (like DoRA's scales, they
 are outside the slot-sizing budget: server.engine.slot_sizing), so servers that never see one pay nothing.
 """
@@ -47,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.model import cpu_ext
+from server.model.adapter_ops import token_gate
 
 PLACES = ("attn", "out")
 # The library's activation names (transformers ACT2FN, via adapters' Activation_Function_Class).
@@ -70,6 +77,8 @@ class _Place:
         self.eye: torch.Tensor | None = None   # [S+1, R, R] identities: the row kernel's other factor
         self.widths: dict[int, int] = {}       # slot -> width
         self.activation: dict[int, str] = {}   # slot -> activation name
+        self.gate_weight = self.gate_bias = self.gate_on = None  # [S+1, 1, H], [S+1, 1], [S+1] bool (UniPELT)
+        self.gated: set[int] = set()
 
 
 class BottleneckSlots(nn.Module):
@@ -126,6 +135,20 @@ class BottleneckSlots(nn.Module):
         place.widths[slot] = r
         place.activation[slot] = activation
 
+    def set_gate(self, slot: int, where: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """UniPELT's gate of the adapter at ``where``, after `set_adapter`: weight [1, H], bias [1]."""
+        place = self.places[where]
+        with self._alloc_lock:
+            if place.gate_on is None:
+                kw = dict(dtype=self.dtype, device=self.device)
+                place.gate_weight = torch.zeros(self.num_slots, 1, self.hidden, **kw)
+                place.gate_bias = torch.zeros(self.num_slots, 1, **kw)
+                place.gate_on = torch.zeros(self.num_slots, dtype=torch.bool, device=self.device)
+        place.gate_weight[slot] = weight.reshape(1, self.hidden).to(self.dtype)
+        place.gate_bias[slot] = bias.reshape(1).to(self.dtype)
+        place.gate_on[slot] = True
+        place.gated.add(slot)
+
     def clear(self, slot: int) -> None:
         for place in self.places.values():
             self._clear_place(place, slot)
@@ -134,6 +157,11 @@ class BottleneckSlots(nn.Module):
     def _clear_place(place: _Place, slot: int) -> None:
         r = place.widths.pop(slot, 0)
         place.activation.pop(slot, None)
+        if slot in place.gated:
+            place.gated.discard(slot)
+            place.gate_weight[slot].zero_()
+            place.gate_bias[slot].zero_()
+            place.gate_on[slot] = False
         if place.down is None or not r:
             return
         place.down[slot, :r].zero_()
@@ -161,18 +189,27 @@ class BottleneckSlots(nn.Module):
             s = int(m.slot_of_row[0]) if m.uniform_slot is None else m.uniform_slot
             x = sub * place.take_sub[s] + residual * place.take_res[s]
             z = ACTIVATIONS[place.activation[s]](x @ place.down[s, :width].t() + place.down_bias[s, :width])
-            return residual + sub + (z @ place.up[s, :width] + place.up_bias[s])
+            y = z @ place.up[s, :width] + place.up_bias[s]
+            if s in place.gated:  # UniPELT: times each token's gate
+                y = y * torch.sigmoid(torch.nn.functional.linear(x, place.gate_weight[s], place.gate_bias[s]))
+            return residual + sub + y
         slots = m.slot_of_row
         n, t, h = sub.shape
         take = torch.stack((place.take_sub, place.take_res), 1).index_select(0, slots)  # [N, 2]
         x = sub * take[:, 0, None, None] + residual * take[:, 1, None, None]
+        gate = (token_gate(x, place.gate_weight, place.gate_bias, slots, place.gate_on)  # [N, T, 1], 1 if ungated
+                if place.gated and not place.gated.isdisjoint(present) else None)
         kernel = cpu_ext.kernel() if t == 1 and sub.device.type == "cpu" else None
         if kernel is not None:  # one token per row: each row reads its slot's matrices in place
             x = x.reshape(n, h).contiguous()
             z = place.down_bias.index_select(0, slots)  # [N, R], filled in place with + x D[s]^T
             kernel.add_lora_rows_(z, x, place.down, place.eye, slots, place.width, width)
             z = self._activate(z, place, present, slots)
-            y = (residual + sub).reshape(n, h) + place.up_bias.index_select(0, slots)
+            up_bias = place.up_bias.index_select(0, slots)
+            if gate is not None:  # g (z U + b_up) = (g z) U + g b_up
+                g = gate.reshape(n, 1)
+                z, up_bias = (z * g).contiguous(), up_bias * g
+            y = (residual + sub).reshape(n, h) + up_bias
             kernel.add_lora_rows_(y, z, place.eye, place.up, slots, place.width, width)
             return y.view(n, t, h)
         down = place.down[:, :width].index_select(0, slots)  # [N, w, H]
@@ -180,6 +217,8 @@ class BottleneckSlots(nn.Module):
         z = self._activate(z, place, present, slots)
         y = torch.baddbmm(place.up_bias.index_select(0, slots)[:, None, :], z,
                           place.up[:, :width].index_select(0, slots))  # [N, T, H]
+        if gate is not None:
+            y = y * gate
         return residual + sub + y
 
     @staticmethod

@@ -26,6 +26,7 @@ from torch import nn
 
 from server.model import fused_ops
 from server.model.attention import attend, decode_attend
+from server.model.gate_layers import group_gates
 from server.model.kv_cache import KVCache
 
 
@@ -135,11 +136,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(e, args.num_kv_heads * d, bias=args.qkv_bias)
         self.v_proj = nn.Linear(e, args.num_kv_heads * d, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_heads * d, e, bias=args.o_bias)
+        # server.model.gate_layers.PrefixGateSlots once adapter slots are installed (UniPELT's gated prefix)
+        self.prefix_gate = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: "StepInputs") -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, H*D], [B, T, Hkv*D] x2
-        if not isinstance(step, FlatStep):  # decode on CPU: the compiled kernel, views only
+        gate = None if self.prefix_gate is None else self.prefix_gate.gates(x)  # rows with a gated prefix (UniPELT)
+        if gate is None and not isinstance(step, FlatStep):  # decode on CPU: the compiled kernel, views only
             out = decode_attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window, self.num_kv_heads)
             if out is not None:
                 return self.o_proj(out)
@@ -147,20 +151,20 @@ class Attention(nn.Module):
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if isinstance(step, FlatStep):  # b tokens of t = 1, attention per group of rows
-            out = torch.cat([self._attend(g, *(x[g.start:g.stop] for x in (q, k, v, cos, sin)))
+            out = torch.cat([self._attend(g, *(x[g.start:g.stop] for x in (q, k, v, cos, sin)), gate=gate)
                              for g in step.groups])  # [N, H*D]
             return self.o_proj(out.view(b, t, -1))
-        return self.o_proj(attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window))  # [B, T, E]
+        return self.o_proj(attend(self.layer_idx, q, k, v, cos, sin, step, self.sliding_window, gate))  # [B, T, E]
 
     def _attend(self, g: "StepInputs", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> torch.Tensor:
+                sin: torch.Tensor, gate=None) -> torch.Tensor:
         """One group of a flat forward: q [n, H, 1, D], k/v [n, Hkv, 1, D], cos/sin [n, 1, 1, D] with
         n = rows * t, row-major -> [n, H*D]."""
         rows, t = g.cache_pos.shape
         def grouped(x):  # [n, h, 1, D] -> [rows, h, t, D]
             return x[:, :, 0].reshape(rows, t, x.shape[1], self.head_dim).transpose(1, 2)
         out = attend(self.layer_idx, grouped(q), grouped(k), grouped(v), grouped(cos), grouped(sin), g,
-                     self.sliding_window)  # [rows, t, H*D]
+                     self.sliding_window, group_gates(gate, g.start, rows, t))  # [rows, t, H*D]
         return out.reshape(rows * t, self.num_heads * self.head_dim)
 
 
