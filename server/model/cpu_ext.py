@@ -3,7 +3,9 @@
 - `add_lora_rows_` (lora_cpu.cpp): mixed-adapter LoRA decode, each row reading its own slot's factors;
 - `decode_attention_` (decode_attention_cpu.cpp): decode attention fused with the KV-cache write;
 - `rms_norm`, `add_rms_norm_`, `silu_mul_` (norm_act_cpu.cpp): the decoder layer's elementwise ops fused
-  (server.model.fused_ops chooses between them and their torch reference).
+  (server.model.fused_ops chooses between them and their torch reference);
+- `bf16_linear` (bf16_gemm_cpu.cpp): x @ W^T + b for a bf16 W at the small M of decode
+  (server.model.packed_linear chooses between it and oneDNN).
 
 `make install` builds it ahead of time (`python -m server.model.cpu_ext`); the
 build is cached under torch's extensions directory. Where no compiler is at hand,
@@ -37,7 +39,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp", "norm_act_cpu.cpp")]
+            for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp", "norm_act_cpu.cpp",
+                          "bf16_gemm_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 

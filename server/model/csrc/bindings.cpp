@@ -11,6 +11,8 @@ at::Tensor decode_attention_(at::Tensor q, at::Tensor k_new, at::Tensor v_new, a
 at::Tensor rms_norm(at::Tensor x, at::Tensor weight, double eps);
 at::Tensor add_rms_norm_(at::Tensor acc, at::Tensor other, at::Tensor weight, double eps);
 at::Tensor silu_mul_(at::Tensor gate, at::Tensor up);
+// bf16_gemm_cpu.cpp (issue 23: bf16 GEMV for decode)
+at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_rows_", &add_lora_rows_, "per-row LoRA update of y in place (lora_cpu.cpp)");
@@ -18,4 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, normalised in fp32 (norm_act_cpu.cpp)");
   m.def("add_rms_norm_", &add_rms_norm_, "acc += other in place, then RMSNorm of acc (norm_act_cpu.cpp)");
   m.def("silu_mul_", &silu_mul_, "gate = silu(gate) * up in place (norm_act_cpu.cpp)");
+  m.def("bf16_linear", &bf16_linear, "x @ W^T + b for a bf16 W [N, K], fp32 accumulation, small M (bf16_gemm_cpu.cpp)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
 }
