@@ -10,6 +10,11 @@ bf16 is packed too where the CPU multiplies bf16 natively (`cpu_features.cpu_has
 AMX). Measured on the 2-core Zen 4 (issue 23): the 49152x576 lm_head at M=1 takes 3.9 ms packed against 6.8 ms in
 aten's bf16 mm, and packed is the fastest bf16 path at M=32 as well. Where bf16 is emulated (Intel without
 avx512_bf16, AVX2-only AMD) bf16 stays on aten.
+
+bf16 where the CPU has it natively and the C++ kernels are built is held NOT packed but as the plain row-major
+[out, in] matrix, once: up to `GEMV_MAX_ROWS` rows of x go through our GEMV (`bf16_linear`,
+csrc/bf16_gemm_cpu.cpp), more (prefill) through aten's `linear` on the same matrix (see GEMV_MAX_ROWS for the
+measurements). A tied lm_head then shares the embedding's storage instead of holding a packed copy.
 """
 from __future__ import annotations
 
@@ -18,9 +23,21 @@ import logging
 import torch
 from torch import nn
 
-from server.model import cpu_features
+from server.model import cpu_ext, cpu_features
 
 log = logging.getLogger(__name__)
+
+
+# Rows of x (tokens in the step) up to which bf16 goes through our GEMV; above, aten's linear on the same matrix.
+# Measured on the 2-core Zen 4 (loadtest/bench_bf16_gemv.py, docs/BENCHMARKS.md): TODO
+GEMV_MAX_ROWS = 32
+
+
+def gemv_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where bf16 linears are held plain for our GEMV: bf16 on a CPU with native bf16 (the only kind measured;
+    the AVX-512F / AVX2 paths of the kernel are tested for correctness but not timed) and the kernels built."""
+    return (device.type == "cpu" and dtype == torch.bfloat16 and cpu_features.cpu_has_fast_bf16()
+            and cpu_ext.kernel() is not None)
 
 
 def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -30,10 +47,11 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W^T + b with W held in oneDNN's blocked layout.
+    """y = x @ W^T + b with W held in oneDNN's blocked layout, or (bf16 where `gemv_available`) plain for our GEMV.
 
     `weight` returns the plain [out, in] matrix (unpacked on demand, e.g. for merging
-    an adapter); `set_weight` repacks after the plain matrix changed.
+    an adapter; the held matrix itself when plain: do not write into it); `set_weight` repacks (or replaces the
+    plain matrix) after the plain matrix changed.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int):
@@ -41,24 +59,37 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.batch_hint = batch_hint
         self.dtype = linear.weight.dtype  # float32 or bfloat16 (packing_available)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous(), batch_hint)
+        self.gemv = gemv_available(linear.weight.device, self.dtype)
+        self.packed = None
+        self.register_buffer("plain", None, persistent=False)  # a buffer: weight_bytes counts a tied one once
+        self.set_weight(linear.weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(self.dtype),
                                                                    requires_grad=False)
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.packed.to_dense()
+        return self.plain if self.gemv else self.packed.to_dense()
 
     def set_weight(self, weight: torch.Tensor) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(self.dtype).contiguous(),
-                                                              self.batch_hint)
+        weight = weight.detach().to(self.dtype).contiguous()  # no copy when it already is (a tied lm_head shares)
+        if self.gemv:
+            self.plain = weight
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
 
     @property
     def nbytes(self) -> int:
-        return self.packed.numel() * self.packed.element_size()
+        """Bytes of the oneDNN-packed copy (the plain matrix is a buffer, counted with the model's buffers)."""
+        return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        if not self.gemv:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        if rows > GEMV_MAX_ROWS or x.dtype != self.dtype or x.requires_grad:
+            return torch.nn.functional.linear(x, self.plain, self.bias)
+        y = cpu_ext.kernel().bf16_linear(x.reshape(rows, self.in_features).contiguous(), self.plain, self.bias)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
