@@ -40,6 +40,28 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
+#if defined(__AVX512F__)
+// [sum(a), sum(b), sum(c), sum(d)]: one transposing reduction for 4 accumulators (13 instructions, not 4 x 9)
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  auto fold = [](__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  };
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(fold(a), fold(b)), _mm256_hadd_ps(fold(c), fold(d)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+template <int MT, int R>
+inline void store_sums(const __m512 (&acc)[MT][R], float out[kTileM][kRows]) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) {
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, sum4(acc[m][0], R > 1 ? acc[m][R > 1 ? 1 : 0] : zero, R > 2 ? acc[m][R > 2 ? 2 : 0] : zero,
+                            R > 3 ? acc[m][R > 3 ? 3 : 0] : zero));
+    for (int r = 0; r < R; ++r) out[m][r] = sums[r];
+  }
+}
+#endif
+
 // ---- the dot products of `rows` (<= kRows) weight rows with `mt` (<= kTileM) rows of x: out[m][r] ----------
 
 #if defined(__AVX512BF16__)
@@ -70,8 +92,7 @@ inline void dot_tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  store_sums<MT, R>(acc, out);
 }
 #endif
 
@@ -106,8 +127,7 @@ inline void dot_tile_f32(const float* x, int64_t ldx, const uint16_t* w, int64_t
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+  store_sums<MT, R>(acc, out);
 #elif defined(__AVX2__) && defined(__FMA__)
   __m256 acc[MT][R];
   for (int m = 0; m < MT; ++m)
