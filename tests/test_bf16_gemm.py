@@ -79,13 +79,13 @@ def test_bf16_linear_refuses_bad_inputs(kernel):
 
 
 @pytest.mark.parametrize("rows", [1, 3, packed_linear.GEMV_MAX_ROWS, packed_linear.GEMV_MAX_ROWS + 1, 70])
-def test_packed_linear_serves_bf16_from_one_plain_matrix(monkeypatch, kernel, rows):
-    """bf16 on a native-bf16 CPU (forced, so every kind runs it): the matrix is held once, plain; small M goes
-    through the kernel, larger through aten on the same matrix; weight/set_weight round-trip (merges use them)."""
+def test_packed_linear_serves_small_bf16_batches_from_the_plain_matrix(monkeypatch, kernel, rows):
+    """bf16 on a native-bf16 CPU (forced, so every kind runs it): the matrix is held plain (shared, not copied) and
+    packed; small M goes through the kernel, larger through oneDNN; weight/set_weight round-trip (merges use them)."""
     monkeypatch.setattr(cpu_features, "cpu_has_fast_bf16", lambda: True)
     linear = nn.Linear(576, 129, bias=True).bfloat16().requires_grad_(False)
     layer = PackedLinear(linear, batch_hint=16)
-    assert layer.gemv and layer.packed is None and layer.nbytes == 0
+    assert layer.gemv and layer.nbytes == 129 * 576 * 2
     assert layer.weight.data_ptr() == linear.weight.data_ptr()  # shared, not copied (a tied lm_head)
     calls = []
     monkeypatch.setattr(packed_linear.cpu_ext, "kernel", lambda: CountingKernel(kernel, calls))
@@ -96,6 +96,7 @@ def test_packed_linear_serves_bf16_from_one_plain_matrix(monkeypatch, kernel, ro
     layer.set_weight(new)
     assert torch.equal(layer.weight, new)
     check(layer(x).reshape(rows, 129), x.reshape(rows, 576), new, linear.bias)
+    assert torch.equal(layer.packed.to_dense(), new)  # both copies follow set_weight
 
 
 def test_packed_linear_without_native_bf16_keeps_onednn_or_aten(monkeypatch):

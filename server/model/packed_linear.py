@@ -11,10 +11,14 @@ AMX). Measured on the 2-core Zen 4 (issue 23): the 49152x576 lm_head at M=1 take
 aten's bf16 mm, and packed is the fastest bf16 path at M=32 as well. Where bf16 is emulated (Intel without
 avx512_bf16, AVX2-only AMD) bf16 stays on aten.
 
-bf16 where the CPU has it natively and the C++ kernels are built is held NOT packed but as the plain row-major
-[out, in] matrix, once: up to `GEMV_MAX_ROWS` rows of x go through our GEMV (`bf16_linear`,
-csrc/bf16_gemm_cpu.cpp), more (prefill) through aten's `linear` on the same matrix (see GEMV_MAX_ROWS for the
-measurements). A tied lm_head then shares the embedding's storage instead of holding a packed copy.
+bf16 where the CPU has it natively and the C++ kernels are built is held twice: packed for oneDNN, and as the plain
+row-major [out, in] matrix for our GEMV (`bf16_linear`, csrc/bf16_gemm_cpu.cpp), which serves up to
+`GEMV_MAX_ROWS` rows of x (decode); more rows (prefill, large batches) go to oneDNN as before. A tied lm_head's
+plain matrix is the embedding's own storage (no extra bytes). Why twice, measured (see GEMV_MAX_ROWS and
+docs/BENCHMARKS.md): our GEMV is 2-10x faster than oneDNN on the decoder's linears at M <= 8, but slower at
+M = 16-32 on the larger ones and at prefill sizes, and aten's linear on the plain matrix alone (the one-copy
+alternative) is slower than oneDNN-packed at every M measured, prefill included. So the decoder linears' bf16 bytes
+double (SmolLM2-135M: +212 MB); `weight_bytes` counts both.
 """
 from __future__ import annotations
 
@@ -28,9 +32,10 @@ from server.model import cpu_ext, cpu_features
 log = logging.getLogger(__name__)
 
 
-# Rows of x (tokens in the step) up to which bf16 goes through our GEMV; above, aten's linear on the same matrix.
-# Measured on the 2-core Zen 4 (loadtest/bench_bf16_gemv.py, docs/BENCHMARKS.md): TODO
-GEMV_MAX_ROWS = 32
+# Rows of x (tokens in the step) up to which bf16 goes through our GEMV; above, oneDNN-packed. Measured on the
+# 2-core Zen 4 (make bench-bf16-gemv, load 3-4): ours / oneDNN per call at M = 1, 4, 8 on SmolLM2's 1536x576,
+# 576x1536, 576x576 and 192x576: 2.0-10x faster; at M = 16-32 from 0.45x (1536x576) to 2.7x (192x576).
+GEMV_MAX_ROWS = 8
 
 
 def gemv_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -47,11 +52,11 @@ def packing_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """y = x @ W^T + b with W held in oneDNN's blocked layout, or (bf16 where `gemv_available`) plain for our GEMV.
+    """y = x @ W^T + b with W held in oneDNN's blocked layout, and (bf16 where `gemv_available`) plain as well for
+    our GEMV at up to GEMV_MAX_ROWS rows.
 
-    `weight` returns the plain [out, in] matrix (unpacked on demand, e.g. for merging
-    an adapter; the held matrix itself when plain: do not write into it); `set_weight` repacks (or replaces the
-    plain matrix) after the plain matrix changed.
+    `weight` returns the plain [out, in] matrix (unpacked on demand, e.g. for merging an adapter; the held plain
+    matrix itself where there is one: do not write into it); `set_weight` repacks after the plain matrix changed.
     """
 
     def __init__(self, linear: nn.Linear, batch_hint: int):
@@ -60,7 +65,6 @@ class PackedLinear(nn.Module):
         self.batch_hint = batch_hint
         self.dtype = linear.weight.dtype  # float32 or bfloat16 (packing_available)
         self.gemv = gemv_available(linear.weight.device, self.dtype)
-        self.packed = None
         self.register_buffer("plain", None, persistent=False)  # a buffer: weight_bytes counts a tied one once
         self.set_weight(linear.weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(self.dtype),
@@ -72,27 +76,21 @@ class PackedLinear(nn.Module):
 
     def set_weight(self, weight: torch.Tensor) -> None:
         weight = weight.detach().to(self.dtype).contiguous()  # no copy when it already is (a tied lm_head shares)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
         if self.gemv:
             self.plain = weight
-        else:
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, self.batch_hint)
 
     @property
     def nbytes(self) -> int:
         """Bytes of the oneDNN-packed copy (the plain matrix is a buffer, counted with the model's buffers)."""
-        return 0 if self.packed is None else self.packed.numel() * self.packed.element_size()
+        return self.packed.numel() * self.packed.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.gemv:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         rows = x.numel() // self.in_features
-        if rows > GEMV_MAX_ROWS or x.dtype != self.dtype or x.requires_grad:
-            return torch.nn.functional.linear(x, self.plain, self.bias)
+        if not self.gemv or rows > GEMV_MAX_ROWS or x.dtype != self.dtype or x.requires_grad:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         y = cpu_ext.kernel().bf16_linear(x.reshape(rows, self.in_features).contiguous(), self.plain, self.bias)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def pack_linears(model: nn.Module, batch_hint: int) -> int:
