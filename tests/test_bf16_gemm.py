@@ -99,6 +99,16 @@ def test_packed_linear_serves_small_bf16_batches_from_the_plain_matrix(monkeypat
     assert torch.equal(layer.packed.to_dense(), new)  # both copies follow set_weight
 
 
+def test_a_packed_linear_can_be_held_for_onednn_only(monkeypatch):
+    monkeypatch.setattr(cpu_features, "cpu_has_fast_bf16", lambda: True)
+    linear = nn.Linear(64, 9, bias=False).bfloat16().requires_grad_(False)
+    layer = PackedLinear(linear, batch_hint=1, gemv=False)  # the lm_head (pack_linears)
+    assert not layer.gemv and layer.plain is None
+    x = torch.randn(1, 64).bfloat16()
+    check(layer(x), x, linear.weight, None)
+    assert torch.equal(layer.weight, linear.weight)
+
+
 def test_packed_linear_without_native_bf16_keeps_onednn_or_aten(monkeypatch):
     monkeypatch.setattr(cpu_features, "cpu_has_fast_bf16", lambda: False)
     assert not packed_linear.gemv_available(torch.device("cpu"), torch.bfloat16)

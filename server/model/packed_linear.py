@@ -13,8 +13,8 @@ avx512_bf16, AVX2-only AMD) bf16 stays on aten.
 
 bf16 where the CPU has it natively and the C++ kernels are built is held twice: packed for oneDNN, and as the plain
 row-major [out, in] matrix for our GEMV (`bf16_linear`, csrc/bf16_gemm_cpu.cpp), which serves up to
-`GEMV_MAX_ROWS` rows of x (decode); more rows (prefill, large batches) go to oneDNN as before. A tied lm_head's
-plain matrix is the embedding's own storage (no extra bytes). Why twice, measured (see GEMV_MAX_ROWS and
+`GEMV_MAX_ROWS` rows of x (decode); more rows (prefill, large batches) go to oneDNN as before. The lm_head stays on
+oneDNN alone (pack_linears: measured faster there). Why twice, measured (see GEMV_MAX_ROWS and
 docs/BENCHMARKS.md): our GEMV is 2-10x faster than oneDNN on the decoder's linears at M <= 8, but slower at
 M = 16-32 on the larger ones and at prefill sizes, and aten's linear on the plain matrix alone (the one-copy
 alternative) is slower than oneDNN-packed at every M measured, prefill included. So the decoder linears' bf16 bytes
@@ -59,12 +59,12 @@ class PackedLinear(nn.Module):
     matrix itself where there is one: do not write into it); `set_weight` repacks after the plain matrix changed.
     """
 
-    def __init__(self, linear: nn.Linear, batch_hint: int):
+    def __init__(self, linear: nn.Linear, batch_hint: int, gemv: bool = True):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.batch_hint = batch_hint
         self.dtype = linear.weight.dtype  # float32 or bfloat16 (packing_available)
-        self.gemv = gemv_available(linear.weight.device, self.dtype)
+        self.gemv = gemv and gemv_available(linear.weight.device, self.dtype)
         self.register_buffer("plain", None, persistent=False)  # a buffer: weight_bytes counts a tied one once
         self.set_weight(linear.weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(self.dtype),
@@ -104,7 +104,9 @@ def pack_linears(model: nn.Module, batch_hint: int) -> int:
                     setattr(parent, name, PackedLinear(child, batch_hint))
                     count += 1
     if type(model.lm_head) is nn.Linear:
-        model.lm_head = PackedLinear(model.lm_head, batch_hint)
+        # oneDNN only: on SmolLM2's 49152x576 lm_head our GEMV took 0.63-0.73x oneDNN's speed at M = 1 and 8
+        # (make bench-bf16-gemv, Zen 4, load 3.3, three runs): one long matrix streams faster in oneDNN's layout
+        model.lm_head = PackedLinear(model.lm_head, batch_hint, gemv=False)
         count += 1
     log.info("packed %d linears for oneDNN", count)
     return count

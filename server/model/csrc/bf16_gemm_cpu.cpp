@@ -30,7 +30,6 @@ namespace {
 
 constexpr int64_t kRows = 4;   // weight rows dotted together (one pass over their K)
 constexpr int64_t kTileM = 4;  // rows of x per pass: kRows * kTileM accumulators (16 of the 32 zmm)
-constexpr int64_t kPrefetchRows = 2 * kRows;  // prefetch this many rows ahead (past a chunk's end: harmless)
 constexpr int64_t kGrainBytes = 1 << 16;  // weight bytes per thread chunk, at least (small matrices: one thread)
 
 inline float bf16_to_float(uint16_t v) {
@@ -74,10 +73,7 @@ inline void dot_tile_bf16(const uint16_t* x, int64_t ldx, const uint16_t* w, int
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
     __m512bh wv[R];
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + (r + kPrefetchRows) * K + k), _MM_HINT_T0);
-      wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
-    }
+    for (int r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
     for (int m = 0; m < MT; ++m) {
       const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * ldx + k);
       for (int r = 0; r < R; ++r) acc[m][r] = _mm512_dpbf16_ps(acc[m][r], xv, wv[r]);
