@@ -15,7 +15,7 @@ bf16 where the CPU has it natively and the C++ kernels are built is held twice: 
 row-major [out, in] matrix for our GEMV (`bf16_linear`, csrc/bf16_gemm_cpu.cpp), which serves up to
 `GEMV_MAX_ROWS` rows of x (decode); more rows (prefill, large batches) go to oneDNN as before. The lm_head stays on
 oneDNN alone (pack_linears: measured faster there). Why twice, measured (see GEMV_MAX_ROWS and
-docs/BENCHMARKS.md): our GEMV is 2-10x faster than oneDNN on the decoder's linears at M <= 8, but slower at
+docs/BENCHMARKS.md): our GEMV is 1.2-10x faster than oneDNN on the decoder's linears at M <= 8, slower at
 M = 16-32 on the larger ones and at prefill sizes, and aten's linear on the plain matrix alone (the one-copy
 alternative) is slower than oneDNN-packed at every M measured, prefill included. So the decoder linears' bf16 bytes
 double (SmolLM2-135M: +212 MB); `weight_bytes` counts both.
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # Rows of x (tokens in the step) up to which bf16 goes through our GEMV; above, oneDNN-packed. Measured on the
 # 2-core Zen 4 (make bench-bf16-gemv, load 3-4): ours / oneDNN per call at M = 1, 4, 8 on SmolLM2's 1536x576,
-# 576x1536, 576x576 and 192x576: 2.0-10x faster; at M = 16-32 from 0.45x (1536x576) to 2.7x (192x576).
+# 576x1536, 576x576 and 192x576: 1.2-10x faster (M = 8: 1.2-8.7x); at M = 16-32 from 0.45x (1536x576) to 2.7x.
 GEMV_MAX_ROWS = 8
 
 
