@@ -30,6 +30,11 @@ namespace {
 
 constexpr int64_t kRows = 4;   // weight rows dotted together (one pass over their K)
 constexpr int64_t kTileM = 4;  // rows of x per pass: kRows * kTileM accumulators (16 of the 32 zmm)
+#if defined(__AVX512BF16__)
+constexpr bool kHaveBf16Dot = true;  // bf16 x takes vdpbf16ps
+#else
+constexpr bool kHaveBf16Dot = false;
+#endif
 constexpr int64_t kGrainBytes = 1 << 16;  // weight bytes per thread chunk, at least (small matrices: one thread)
 
 inline float bf16_to_float(uint16_t v) {
@@ -243,18 +248,11 @@ at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor
   const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(1, kRows * K * 2));
 
   std::vector<float> x32;  // x in fp32, for the FMA paths
-  const bool use_dp = x.scalar_type() == at::kBFloat16
-#if defined(__AVX512BF16__)
-      ;
-#else
-      && false;
-#endif
-  if (!use_dp) {
-    if (x.scalar_type() == at::kBFloat16) {
-      x32.resize(M * K);
-      const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
-      for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(xp[i]);
-    }
+  const bool use_dp = kHaveBf16Dot && x.scalar_type() == at::kBFloat16;  // else the FMA path, x in fp32
+  if (!use_dp && x.scalar_type() == at::kBFloat16) {
+    x32.resize(M * K);
+    const uint16_t* xp = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < M * K; ++i) x32[i] = bf16_to_float(xp[i]);
   }
   const float* xf = x.scalar_type() == at::kFloat ? x.data_ptr<float>() : x32.data();
 
