@@ -47,6 +47,11 @@ bench-single-stream: $(STAMP)
 bench-qgemm: $(STAMP)
 	$(PY) -m loadtest.bench_qgemm $(ARGS)
 
+# issue 23: our bf16 GEMV (csrc/bf16_gemm_cpu.cpp) against oneDNN-packed and aten bf16, per linear shape and M
+.PHONY: bench-bf16-gemv
+bench-bf16-gemv: $(STAMP)
+	$(PY) -m loadtest.bench_bf16_gemv $(ARGS)
+
 # issue 26: 1,000 LoRAs (ranks 8-64) vs 4 on one default-flags server, Poisson at 80% of base capacity, Zipf and
 # uniform; plus the ms to load one r=16 adapter into a slot (docs/BENCHMARKS.md)
 .PHONY: bench-many-adapters

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL_TESTS = ["tests/test_attention.py", "tests/test_adapter_ops.py", "tests/test_fused_ops.py", "tests/test_qgemm.py"]
+KERNEL_TESTS = ["tests/test_attention.py", "tests/test_adapter_ops.py", "tests/test_fused_ops.py", "tests/test_qgemm.py",
+                "tests/test_bf16_gemm.py"]
 
 # -march -> (the kind whose vectorized code it is, the cpuinfo flags a CPU needs to run it)
 KINDS = {

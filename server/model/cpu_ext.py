@@ -6,6 +6,8 @@
   (server.model.fused_ops chooses between them and their torch reference);
 - `qgemm_pack`, `qgemm`, `qgemm_unpack` (qgemm_cpu.cpp): block-quantized (4/8-bit, blocks of 32) GEMV/GEMM with
   int8-quantized activations, for --quantization gguf | int4-wo | int8-wo (server.model.weight_only).
+- `bf16_linear` (bf16_gemm_cpu.cpp): x @ W^T + b for a bf16 W at the small M of decode
+  (server.model.packed_linear chooses between it and oneDNN).
 
 `make install` builds it ahead of time (`python -m server.model.cpu_ext`); the
 build is cached under torch's extensions directory. Where no compiler is at hand,
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("bindings.cpp", "lora_cpu.cpp", "decode_attention_cpu.cpp", "norm_act_cpu.cpp",
-                         "qgemm_cpu.cpp")]
+                         "qgemm_cpu.cpp", "bf16_gemm_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 

@@ -15,6 +15,8 @@ at::Tensor silu_mul_(at::Tensor gate, at::Tensor up);
 std::tuple<at::Tensor, at::Tensor> qgemm_pack(at::Tensor codes, at::Tensor scales, at::Tensor offsets, int64_t bits);
 at::Tensor qgemm_unpack(at::Tensor packed, at::Tensor params, int64_t n, int64_t k, int64_t bits);
 at::Tensor qgemm(at::Tensor x, at::Tensor packed, at::Tensor params, int64_t n, int64_t bits);
+// bf16_gemm_cpu.cpp (issue 23: bf16 GEMV for decode)
+at::Tensor bf16_linear(at::Tensor x, at::Tensor weight, std::optional<at::Tensor> bias);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_lora_rows_", &add_lora_rows_, "per-row LoRA update of y in place (lora_cpu.cpp)");
@@ -26,4 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm_pack", &qgemm_pack, "repack 4/8-bit codes in blocks of 32 for qgemm (qgemm_cpu.cpp)");
   m.def("qgemm_unpack", &qgemm_unpack, "the fp32 weights qgemm multiplies by (qgemm_cpu.cpp)");
   m.def("qgemm", &qgemm, "x @ W^T for block-quantized W, int8-quantized x (qgemm_cpu.cpp)");
+  m.def("bf16_linear", &bf16_linear, "x @ W^T + b for a bf16 W [N, K], fp32 accumulation, small M (bf16_gemm_cpu.cpp)",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias") = pybind11::none());
 }
