@@ -127,3 +127,38 @@ class CountingKernel:
     def bf16_linear(self, *args):
         self.calls.append(args[0].shape)
         return self.module.bf16_linear(*args)
+
+
+def _tiny_model() -> nn.Module:
+    """model.model.layers[i].{self_attn, mlp} holding bf16 nn.Linears, and an lm_head: what pack_linears walks."""
+    model, inner = nn.Module(), nn.Module()
+    layer = nn.Module()
+    layer.self_attn, layer.mlp = nn.Module(), nn.Module()
+    layer.self_attn.q_proj = nn.Linear(64, 64, bias=False)
+    layer.mlp.up_proj = nn.Linear(64, 128, bias=False)
+    inner.layers = nn.ModuleList([layer])
+    model.model, model.lm_head = inner, nn.Linear(64, 9, bias=False)
+    return model.bfloat16().requires_grad_(False)
+
+
+PLAIN_BYTES = (64 * 64 + 128 * 64) * 2  # the decoder linears' bf16 bytes of _tiny_model
+
+
+@pytest.mark.parametrize("available, held", [
+    (None, True),                          # no /proc/meminfo: held
+    (PLAIN_BYTES * 4, True),               # exactly PLAIN_COPY_MAX_SHARE (0.25) of what is available: held
+    (PLAIN_BYTES * 4 - 2, False),          # a little over the share: oneDNN alone
+    (PLAIN_BYTES * 1000, True),
+])
+def test_plain_copies_are_held_only_within_the_memory_share(monkeypatch, kernel, available, held):
+    monkeypatch.setattr(cpu_features, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(packed_linear, "available_bytes", lambda: available)
+    assert packed_linear.PLAIN_COPY_MAX_SHARE == 0.25
+    model = _tiny_model()
+    want = {name: m.weight.clone() for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert packed_linear.pack_linears(model, batch_hint=1) == 3
+    decoder = [model.model.layers[0].self_attn.q_proj, model.model.layers[0].mlp.up_proj]
+    assert all(m.gemv == held and (m.plain is not None) == held for m in decoder)
+    assert not model.lm_head.gemv  # the lm_head is oneDNN-only either way
+    x = torch.randn(1, 64).bfloat16()
+    check(decoder[1](x), x, want["model.layers.0.mlp.up_proj"], None)

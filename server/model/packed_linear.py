@@ -18,7 +18,8 @@ oneDNN alone (pack_linears: measured faster there). Why twice, measured (see GEM
 docs/BENCHMARKS.md): our GEMV is 1.2-10x faster than oneDNN on the decoder's linears at M <= 8, slower at
 M = 16-32 on the larger ones and at prefill sizes, and aten's linear on the plain matrix alone (the one-copy
 alternative) is slower than oneDNN-packed at every M measured, prefill included. So the decoder linears' bf16 bytes
-double (SmolLM2-135M: +212 MB); `weight_bytes` counts both.
+double (SmolLM2-135M: +212 MB); `weight_bytes` counts both. Where the second copy would take more than
+PLAIN_COPY_MAX_SHARE of the available memory, it is not made (a warning says so) and oneDNN serves every step.
 """
 from __future__ import annotations
 
@@ -36,6 +37,21 @@ log = logging.getLogger(__name__)
 # 2-core Zen 4 (make bench-bf16-gemv, load 3-4): ours / oneDNN per call at M = 1, 4, 8 on SmolLM2's 1536x576,
 # 576x1536, 576x576 and 192x576: 1.2-10x faster (M = 8: 1.2-8.7x); at M = 16-32 from 0.45x (1536x576) to 2.7x.
 GEMV_MAX_ROWS = 8
+# The plain copies add the decoder linears' bf16 bytes once more. They are held only while that is at most this share
+# of the memory available at load (MemAvailable): SmolLM2-135M adds 212 MB, an 8B model would add ~14 GB and then
+# keeps its one packed copy (a 24 GiB machine would not hold both).
+PLAIN_COPY_MAX_SHARE = 0.25
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes, or None where there is no such file."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def gemv_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -96,13 +112,19 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module, batch_hint: int) -> int:
     """Replace the decoder linears and lm_head of a CPU model (float32, or bf16 per packing_available) in place;
     returns how many."""
-    count = 0
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    setattr(parent, name, PackedLinear(child, batch_hint))
-                    count += 1
+    linears = [(parent, name, child) for layer in model.model.layers for parent in (layer.self_attn, layer.mlp)
+               for name, child in list(parent.named_children()) if type(child) is nn.Linear]
+    gemv = True
+    if linears and gemv_available(linears[0][2].weight.device, linears[0][2].weight.dtype):
+        extra, available = sum(c.weight.numel() * c.weight.element_size() for _, _, c in linears), available_bytes()
+        if available is not None and extra > PLAIN_COPY_MAX_SHARE * available:
+            gemv = False
+            log.warning("bf16 decode GEMV off: its plain copies of the decoder linears (%.1f GB) would exceed %.0f%% "
+                        "of the available memory (%.1f GB); oneDNN-packed alone serves every step",
+                        extra / 1e9, PLAIN_COPY_MAX_SHARE * 100, available / 1e9)
+    for parent, name, child in linears:
+        setattr(parent, name, PackedLinear(child, batch_hint, gemv=gemv))
+    count = len(linears)
     if type(model.lm_head) is nn.Linear:
         # oneDNN only: on SmolLM2's 49152x576 lm_head our GEMV took 0.63-0.73x oneDNN's speed at M = 1 and 8
         # (make bench-bf16-gemv, Zen 4, load 3.3, three runs): one long matrix streams faster in oneDNN's layout
