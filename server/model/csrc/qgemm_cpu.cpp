@@ -240,7 +240,10 @@ void gemm(const QActs& a, const uint8_t* packed, const float* params, int64_t M,
   const int64_t nb = K / kBlock;
   const int64_t tiles = (N + kTile - 1) / kTile;
   // a chunk of tiles per task: enough work that the thread pool's overhead stays small at M = 1
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, M * nb));
+  // but never fewer tasks than threads: a decode GEMV of the default model (N = 576..1536, M = 1) was one task, so
+  // one core streamed its weights from memory while the other idled
+  const int64_t per_thread = (tiles + at::get_num_threads() - 1) / at::get_num_threads();
+  const int64_t grain = std::max<int64_t>(1, std::min(per_thread, 8192 / std::max<int64_t>(1, M * nb)));
   at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
     float out[kMr][kTile];
     for (int64_t mb = 0; mb < M; mb += kMBlock) {
