@@ -42,15 +42,11 @@ bench-bottleneck: $(STAMP)
 bench-single-stream: $(STAMP)
 	$(PY) -m loadtest.bench_single_stream $(ARGS)
 
-# issue 23: ms per GEMM of qgemm Q4/Q8 vs torch int4/int8 vs bf16 oneDNN-packed at M = 1, 4, 32, 512
-.PHONY: bench-qgemm
-bench-qgemm: $(STAMP)
-	$(PY) -m loadtest.bench_qgemm $(ARGS)
-
-# issue 23: our bf16 GEMV (csrc/bf16_gemm_cpu.cpp) against oneDNN-packed and aten bf16, per linear shape and M
-.PHONY: bench-bf16-gemv
-bench-bf16-gemv: $(STAMP)
-	$(PY) -m loadtest.bench_bf16_gemv $(ARGS)
+# issue 23: one linear of the default model on every CPU GEMM path (bf16 oneDNN / our GEMV / aten, qgemm Q4/Q8,
+# torch int4/int8), per shape and M, weights cold (streamed from memory) unless ARGS=--hot
+.PHONY: bench-gemm
+bench-gemm: $(STAMP)
+	$(PY) -m loadtest.bench_gemm $(ARGS)
 
 # issue 26: 1,000 LoRAs (ranks 8-64) vs 4 on one default-flags server, Poisson at 80% of base capacity, Zipf and
 # uniform; plus the ms to load one r=16 adapter into a slot (docs/BENCHMARKS.md)

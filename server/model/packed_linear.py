@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 
 # Rows of x (tokens in the step) up to which bf16 goes through our GEMV; above, oneDNN-packed. Measured on the
-# 2-core Zen 4 (make bench-bf16-gemv, load 3-4): ours / oneDNN per call at M = 1, 4, 8 on SmolLM2's 1536x576,
+# 2-core Zen 4 (make bench-gemm, load 3-4): ours / oneDNN per call at M = 1, 4, 8 on SmolLM2's 1536x576,
 # 576x1536, 576x576 and 192x576: 1.2-10x faster (M = 8: 1.2-8.7x); at M = 16-32 from 0.45x (1536x576) to 2.7x.
 GEMV_MAX_ROWS = 8
 # The plain copies add the decoder linears' bf16 bytes once more. They are held only while that is at most this share
@@ -127,7 +127,7 @@ def pack_linears(model: nn.Module, batch_hint: int) -> int:
     count = len(linears)
     if type(model.lm_head) is nn.Linear:
         # oneDNN only: on SmolLM2's 49152x576 lm_head our GEMV took 0.63-0.73x oneDNN's speed at M = 1 and 8
-        # (make bench-bf16-gemv, Zen 4, load 3.3, three runs): one long matrix streams faster in oneDNN's layout
+        # (make bench-gemm, Zen 4, load 3.3, three runs): one long matrix streams faster in oneDNN's layout
         model.lm_head = PackedLinear(model.lm_head, batch_hint, gemv=False)
         count += 1
     log.info("packed %d linears for oneDNN", count)

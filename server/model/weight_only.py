@@ -10,7 +10,7 @@ Both hold weights in blocks of 32 along the input axis (K):
 Kernel: qgemm (server/model/csrc/qgemm_cpu.cpp) wherever the CPU kernels compile (`cpu_ext.kernel()`): codes
 repacked once into 16-row tiles, scales/offsets in fp32, the activations quantized per row per block of 32 to int8
 (as llama.cpp's Q8_1 / Q8_0 activations), integer dot products (AVX512-VNNI / AVX-VNNI / AVX2 / scalar), fp32
-accumulation, y in x's dtype (bf16 or fp32). Measured on the 2-core Zen 4 (`make bench-qgemm`, load ~5, bf16 x):
+accumulation, y in x's dtype (bf16 or fp32). Measured on the 2-core Zen 4 (`make bench-gemm`, load ~5, bf16 x):
 M=1 lm_head 49152x576 Q8 at ~1.0x and Q4 2.5x of bf16 oneDNN-packed; MLP 1536x576 / 576x1536 at 5-14x of
 bf16-packed and 7-8x of torch's int4 kernel. It beats torch's int4 and int8 kernels at every M measured
 (1, 4, 32, 512), so it serves every M (decode and prefill); at M >= 32 bf16-packed is faster still (0.6-0.9x), but
