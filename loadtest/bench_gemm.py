@@ -60,7 +60,7 @@ def weights(path: str, n: int, k: int, kernel, gen: torch.Generator):
         sz = (torch.cat([sz, sz[:, :pad]], dim=1) if pad else sz).contiguous()
         w = (torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1), sz)
         return (lambda: tuple(t.clone() for t in w), n * k // 2 + sz.numel() * 2,
-                lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1]))
+                lambda x, w: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w[0], 32, w[1])[:, :n])  # as Int4Linear
     if path == "torch-int8":
         w = ((codes * 16 - 128).clamp(-127, 127).to(torch.int8), scales[:, 0].bfloat16().contiguous())
         return (lambda: tuple(t.clone() for t in w), n * k + n * 2,

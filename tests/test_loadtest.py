@@ -286,3 +286,25 @@ def test_served_llamacpp_fields_loads_targets_and_table():
     text = sl.table({"F16": {"summary": list(rows.values())}})
     assert "| F16 | 32 streams, 64 tokens, base | ours bf16 | 255 | 204 | 1.25 | >= 1.2 | yes |" in text
     assert "| F16 | 32 LoRAs / own base | ours bf16 | | | 0.867 | >= 0.9 | NO |" in text
+
+
+def test_gemm_bench_paths_give_outputs_from_distinct_copies():
+    """bench-gemm: every path multiplies (shape [M, N]), and --cold's copies are separate memory (else the 'cold'
+    weights would sit in the cache like --hot's)."""
+    import torch
+
+    from loadtest.bench_gemm import PATHS, weights
+    from server.model import cpu_ext
+
+    kernel = cpu_ext.kernel()
+    if kernel is None:
+        pytest.skip("the CPU kernels are not built here")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 64).bfloat16()
+    for path in PATHS:
+        make, nbytes, fn = weights(path, 40, 64, kernel, gen)
+        a, b = make(), make()
+        assert fn(x, a).shape == (3, 40) and nbytes > 0, path
+        first = (lambda w: w[0] if isinstance(w, tuple) else w)
+        if path != "bf16-packed":  # oneDNN's opaque tensors have no data_ptr; each is packed anew
+            assert first(a).data_ptr() != first(b).data_ptr(), path
