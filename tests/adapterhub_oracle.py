@@ -107,3 +107,22 @@ def library_logits(base: Path, adapter_dirs: list[Path], prompts: list[list[int]
     if done.returncode:
         raise RuntimeError(f"the AdapterHub library failed:\n{done.stderr[-4000:]}")
     return json.loads((work / "out.json").read_text())
+
+
+def union_oracle(root: Path, adapters: list[tuple[str, str, dict]], pickled: str, prompts, new_tokens: int):
+    """The oracle's Llama (seed 3) with `adapters` [(name, library config, kwargs)], stored the way a user would:
+    adapters of config `pickled` (MAM, UniPELT: the library saves unions only as pytorch_adapter.bin) converted by
+    `adapterctl convert` first. -> (base model dir, AdapterStore holding them all, the oracle's references).
+    Call only when oracle_python() is not None."""
+    from adapters.convert import convert_dir
+    from adapters.store import AdapterStore
+
+    specs = [{"tag": "llama", "arch": "llama", "seed": 3, "prompts": prompts, "new_tokens": new_tokens,
+              "adapters": [{"name": n, "config": c, "kwargs": k, "pickle": c == pickled} for n, c, k in adapters]}]
+    reference = run_oracle(specs, root)["llama"]
+    store = AdapterStore(root / "store")
+    for name, config, _ in adapters:
+        if config == pickled:
+            convert_dir(root / "llama" / name, remove_pickle=True)  # the user's step: the library writes a pickle
+        store.add(name, root / "llama" / name)
+    return root / "llama" / "model", store, reference

@@ -26,3 +26,14 @@ def builtin_model_dir(tmp_path_factory):
     from server.model.builtin import ensure_builtin_model
 
     return ensure_builtin_model(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """The compiled CPU kernels (server.model.cpu_ext), or the test is skipped where they cannot be built."""
+    from server.model import cpu_ext
+
+    module = cpu_ext.kernel()
+    if module is None:
+        pytest.skip("no compiler for the CPU kernels here")
+    return module

@@ -13,20 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from server.model import cpu_ext, cpu_features, packed_linear
+from server.model import cpu_features, packed_linear
 from server.model.packed_linear import PackedLinear
 
 MS = [1, 3, 17, 32]  # rows of x: 17 and 3 leave partial tiles of 4
 KS = [64, 576, 1536, 100]  # SmolLM2's hidden and intermediate sizes; 100: a tail for every vector width (32, 16, 8)
 NS = [1, 7, 129]  # not multiples of the 4-row block
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    module = cpu_ext.kernel()
-    if module is None:
-        pytest.skip("no compiler for the CPU kernels here")
-    return module
 
 
 def case(m, k, n, x_dtype, seed):

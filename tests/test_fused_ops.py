@@ -13,14 +13,6 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2
        torch.float16: dict(atol=1e-3, rtol=1e-3)}
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = cpu_ext.kernel()
-    if module is None:
-        pytest.skip("no compiler for the CPU kernels here")
-    return module
-
-
 def inputs(shape, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen) * 3).to(dtype)

@@ -16,11 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.composition import Composition, Member, plan_composition
-from adapters.convert import convert_dir
 from adapters.format import AdapterError, inspect_adapter_dir, load_adapter
-from adapters.store import AdapterStore
 from server.model.loader import load_model
-from tests.adapterhub_oracle import SKIP_REASON, oracle_python, run_oracle
+from tests.adapterhub_oracle import SKIP_REASON, oracle_python, union_oracle
 from tests.test_adapter_format import spec
 from tests.test_adapters_golden import engine_for, generate, greedy_request, prefill_logits
 from tests.test_bottleneck_format import SEQ_BN
@@ -112,16 +110,7 @@ ADAPTERS = [  # (name, library config, kwargs)
 def oracle(tmp_path_factory):
     if oracle_python() is None:
         pytest.skip(SKIP_REASON)
-    root = tmp_path_factory.mktemp("adapterhub-mam")
-    specs = [{"tag": "llama", "arch": "llama", "seed": 3, "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
-              "adapters": [{"name": n, "config": c, "kwargs": k, "pickle": c == "mam"} for n, c, k in ADAPTERS]}]
-    reference = run_oracle(specs, root)["llama"]
-    store = AdapterStore(root / "store")
-    for name, config, _ in ADAPTERS:
-        if config == "mam":
-            convert_dir(root / "llama" / name, remove_pickle=True)  # the user's step: the library writes a pickle
-        store.add(name, root / "llama" / name)
-    return root / "llama" / "model", store, reference
+    return union_oracle(tmp_path_factory.mktemp("adapterhub-mam"), ADAPTERS, "mam", PROMPTS, NEW_TOKENS)
 
 
 

@@ -9,17 +9,8 @@ AVX-512-without-VNNI (x86-64-v4) builds, whose dot products are maddubs/madd ins
 import pytest
 import torch
 
-from server.model import cpu_ext
 
 BLOCK = 32
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    module = cpu_ext.kernel()
-    if module is None:
-        pytest.skip("no compiler for the CPU kernels (or ADAPTER_SERVER_NO_EXT=1)")
-    return module
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:

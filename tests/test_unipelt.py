@@ -17,12 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from adapters.composition import Composition, Member, plan_composition
-from adapters.convert import convert_dir
 from adapters.format import AdapterError, inspect_adapter_dir, load_adapter
-from adapters.store import AdapterStore
 from server.model.adapter_ops import token_gate
 from server.model.loader import load_model
-from tests.adapterhub_oracle import SKIP_REASON, oracle_python, run_oracle
+from tests.adapterhub_oracle import SKIP_REASON, oracle_python, union_oracle
 from tests.peft_adapters import make_lora
 from tests.test_adapter_format import spec
 from tests.test_adapters_golden import engine_for, generate, greedy_request, prefill_logits
@@ -166,15 +164,7 @@ def oracle(tmp_path_factory):
     if oracle_python() is None:
         pytest.skip(SKIP_REASON)
     root = tmp_path_factory.mktemp("adapterhub-unipelt")
-    specs = [{"tag": "llama", "arch": "llama", "seed": 3, "prompts": PROMPTS, "new_tokens": NEW_TOKENS,
-              "adapters": [{"name": n, "config": c, "kwargs": k, "pickle": c == "unipelt"} for n, c, k in ADAPTERS]}]
-    reference = run_oracle(specs, root)["llama"]
-    store = AdapterStore(root / "store")
-    for name, config, _ in ADAPTERS:
-        if config == "unipelt":
-            convert_dir(root / "llama" / name, remove_pickle=True)  # the user's step: the library writes a pickle
-        store.add(name, root / "llama" / name)
-    base = root / "llama" / "model"
+    base, store, reference = union_oracle(root, ADAPTERS, "unipelt", PROMPTS, NEW_TOKENS)
     store.add("lora", make_lora(base, root / "lora", seed=7, r=4))
     return base, store, reference
 
